@@ -1,0 +1,34 @@
+"""The editing maths of MALMEN as plain functions on tensors (ALGORITHM.md steps 2-3)."""
+
+import torch
+
+
+def value_differences(
+    keys: torch.Tensor, pseudo_keys: torch.Tensor, pseudo_value_grads: torch.Tensor, lr: torch.Tensor
+) -> torch.Tensor:
+    """`d_i = -lr <k_i, k~_i> g~_i` for each token `i`: the value each key should map to, minus what it maps to now."""
+    return -lr * (keys * pseudo_keys).sum(dim=-1, keepdim=True) * pseudo_value_grads
+
+
+def least_squares_shift(gram: torch.Tensor, cross: torch.Tensor, log_lambda: torch.Tensor) -> torch.Tensor:
+    """
+    The ridge least-squares solution `S = (K^T K + exp(lambda) I)^-1 K^T D` of `K S ~= D`, in float32.
+
+    Args:
+        gram (`torch.Tensor` of shape `(d_in, d_in)`): `K^T K`, summed over all tokens.
+        cross (`torch.Tensor` of shape `(d_in, d_out)`): `K^T D`, summed over all tokens.
+        log_lambda (`torch.Tensor`): scalar, the log of the ridge coefficient.
+
+    Raises:
+        `torch.linalg.LinAlgError` if the system is not positive definite (e.g. it holds NaN or infinity).
+    """
+    gram = gram.float()
+    ridge = torch.exp(log_lambda.float()) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    # K^T K + exp(lambda) I is symmetric positive definite: Cholesky is the stable, cheap way to solve it.
+    factor = torch.linalg.cholesky(gram + ridge)
+    return torch.cholesky_solve(cross.float(), factor)
+
+
+def summed_shift(pseudo_cross: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """MEND's aggregation `S = -lr sum_i outer(k~_i, g~_i)`, from the summed outer products `K~^T G~`."""
+    return -lr.float() * pseudo_cross.float()
