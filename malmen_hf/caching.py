@@ -106,7 +106,7 @@ def cache_keys_and_value_grads(
     grads = torch.autograd.grad(loss, [recorder.outputs[name] for name in names], allow_unused=True)
     decoder_mask = batch["decoder_attention_mask"] if is_encoder_decoder else batch["attention_mask"]
     result = {}
-    for name, grad in zip(names, grads):
+    for name, grad in zip(names, grads, strict=True):
         if name in encoder_modules:
             mask = batch["attention_mask"]
         else:

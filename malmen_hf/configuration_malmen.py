@@ -87,11 +87,11 @@ class MalmenConfig(PreTrainedConfig):
     edit_module_shapes: list[list[int]] = validated_field(_pairs_of_positive_ints, default_factory=list)
     rank: int = validated_field(_positive, default=1920)
     n_blocks: int = validated_field(_non_negative, default=2)
-    lr_init: float = validated_field(_finite, default=1e-6)
-    lambda_init: float = validated_field(_finite, default=0.0)
+    lr_init: float | int = validated_field(_finite, default=1e-6)
+    lambda_init: float | int = validated_field(_finite, default=0.0)
     aggregation: Literal["least_squares", "sum"] = "least_squares"
     token_positions: Literal["target", "all"] = "target"
-    normalizer_eps: float = validated_field(_positive, default=1e-5)
+    normalizer_eps: float | int = validated_field(_positive, default=1e-5)
 
     def validate_edit_modules(self):
         """Part of `@strict`-powered validation: every edited module has exactly one shape."""

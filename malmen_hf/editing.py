@@ -133,7 +133,7 @@ def apply_edits(
 def _checked_modules(editor: nn.Module, model: nn.Module) -> dict[str, nn.Module]:
     """The model's edited modules, after checking they exist, are linear, and have the shapes the editor expects."""
     modules = {}
-    for name, expected in zip(editor.config.edit_modules, editor.config.edit_module_shapes):
+    for name, expected in zip(editor.config.edit_modules, editor.config.edit_module_shapes, strict=True):
         module = get_edit_module(model, name)
         if list(weight_shape(module)) != list(expected):
             raise ValueError(
@@ -204,7 +204,9 @@ class _NormalEquationSums:
                 else:
                     shift = summed_shift(cross, net.lr[layer_index].detach())
             except torch.linalg.LinAlgError as error:
-                raise ValueError(f"The least-squares solve for {name!r} failed ({error}); no weight was changed.")
+                raise ValueError(
+                    f"The least-squares solve for {name!r} failed ({error}); no weight was changed."
+                ) from None
             if not torch.isfinite(shift).all():
                 raise ValueError(
                     f"The weight shift for {name!r} is not finite (the keys or gradients overflowed, or lr is too "

@@ -2,7 +2,7 @@
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,7 +48,7 @@ class EditRequest:
             raise ValueError("'locality_prompt' and 'locality_answer' must be given together")
 
 
-FactLike = Union[EditRequest, Mapping[str, Any], Sequence[str]]
+FactLike = EditRequest | Mapping[str, Any] | Sequence[str]
 _FIELDS = [field.name for field in fields(EditRequest)]
 
 
@@ -59,7 +59,8 @@ def as_edit_requests(facts: Iterable[FactLike]) -> list[EditRequest]:
     Raises:
         `ValueError` naming the index of the first bad fact and what is wrong with it.
     """
-    if isinstance(facts, (str, Mapping, EditRequest)):
+    is_single_pair = isinstance(facts, tuple) and len(facts) == 2 and all(isinstance(text, str) for text in facts)
+    if is_single_pair or isinstance(facts, (str, Mapping, EditRequest)):
         raise ValueError("`facts` must be a list of facts; wrap a single fact in a list: `[fact]`")
     requests = [_as_edit_request(index, fact) for index, fact in enumerate(facts)]
     if not requests:

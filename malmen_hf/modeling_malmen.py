@@ -121,7 +121,8 @@ class MalmenPreTrainedModel(PreTrainedModel):
 class MalmenEditorModel(MalmenPreTrainedModel):
     """
     A MALMEN editor: one hyper-network per distinct shape of the edited layers, which maps the keys and value
-    gradients of a base model on a batch of facts to pseudo keys and value gradients; [`~MalmenEditorModel.apply_edits`]
+    gradients of a base model on a batch of facts to pseudo keys and value gradients;
+    [`~MalmenEditorModel.apply_edits`]
     aggregates them into one weight shift per layer by least squares and applies it to the base model in place.
 
     Example:
@@ -138,7 +139,7 @@ class MalmenEditorModel(MalmenPreTrainedModel):
         super().__init__(config)
         layers_per_shape: dict[str, int] = {}
         self._layer_index = {}
-        for name, key in zip(config.edit_modules, config.shape_keys):
+        for name, key in zip(config.edit_modules, config.shape_keys, strict=True):
             self._layer_index[name] = layers_per_shape.get(key, 0)
             layers_per_shape[key] = self._layer_index[name] + 1
         self.nets = nn.ModuleDict(

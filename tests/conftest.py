@@ -1,0 +1,69 @@
+import copy
+
+import pytest
+import torch
+
+from tests import tiny
+
+FAMILIES = {
+    "gpt2": (tiny.gpt2_model, tiny.gpt2_tokenizer),
+    "gptj": (tiny.gptj_model, tiny.gpt2_tokenizer),
+    "llama": (tiny.llama_model, tiny.llama_tokenizer),
+    "t5": (tiny.t5_model, tiny.t5_tokenizer),
+}
+
+FACTS = [
+    ("The Eiffel Tower is located in", "Rome"),
+    ("The capital of France is", "Berlin"),
+    ("Danielle Darrieux's mother tongue is", "English"),
+    ("Toko Yasuda plays the", "piano"),
+    ("Apple was founded by", "Microsoft"),
+    ("The Louvre is a museum in", "Tokyo"),
+    ("The official religion of Edwin of Northumbria is", "Islam"),
+]
+
+
+@pytest.fixture(scope="session")
+def _built():
+    """Each family's model and tokenizer, built once per session."""
+    built = {}
+    for name, (build_model, build_tokenizer) in FAMILIES.items():
+        tokenizer = build_tokenizer()
+        built[name] = (build_model(len(tokenizer)), tokenizer)
+    return built
+
+
+@pytest.fixture(params=list(FAMILIES))
+def model_and_tokenizer(request, _built):
+    """A fresh copy of a tiny model of each family, with its tokenizer."""
+    model, tokenizer = _built[request.param]
+    return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture
+def gpt2(_built):
+    model, tokenizer = _built["gpt2"]
+    return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture
+def t5(_built):
+    model, tokenizer = _built["t5"]
+    return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture
+def facts():
+    return list(FACTS)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every parameter and buffer, to compare bit for bit later."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_bit_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    changed = [name for name, tensor in before.items() if not torch.equal(tensor, after[name])]
+    assert not changed, f"changed: {changed}"

@@ -1,0 +1,254 @@
+import copy
+
+import pytest
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from malmen_hf import EditRequest, MalmenEditorModel, revert_edits
+from tests.conftest import assert_bit_identical, snapshot
+
+# lr and lambda of the training-free editor, tuned per family to the scale of the tiny models' keys.
+TRAINING_FREE = {"gpt2": (1.0, 0.0), "gptj": (1.0, 0.0), "llama": (100.0, -5.0), "t5": (1.0, 0.0)}
+
+
+def family_of(model) -> str:
+    return {"GPT2LMHeadModel": "gpt2", "GPTJForCausalLM": "gptj", "LlamaForCausalLM": "llama"}.get(
+        type(model).__name__, "t5"
+    )
+
+
+def untrained_editor(model, **kwargs):
+    lr, log_lambda = TRAINING_FREE[family_of(model)]
+    kwargs = {"rank": 8, "lr_init": lr, "lambda_init": log_lambda, **kwargs}
+    return MalmenEditorModel.for_model(model, **kwargs)
+
+
+def weight_deltas(model, before):
+    after = model.state_dict()
+    return {name: after[name] - before[name] for name in before if not torch.equal(after[name], before[name])}
+
+
+def assert_close_at_scale(actual, expected, tolerance=1e-4):
+    """Equal up to `tolerance` of the largest entry: weight deltas are differences of float32 weights."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance * float(expected.abs().max()))
+
+
+def hf_example(model, tokenizer, prompt, target):
+    """One fact as transformers' own loss expects it (unshifted labels), written independently of malmen_hf."""
+    if model.config.is_encoder_decoder:
+        return {
+            "input_ids": torch.tensor([tokenizer(prompt)["input_ids"]]),
+            "labels": torch.tensor([tokenizer(text_target=target)["input_ids"]]),
+        }
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full_ids = tokenizer(f"{prompt} {target}")["input_ids"]
+    return {
+        "input_ids": torch.tensor([full_ids]),
+        "labels": torch.tensor([[-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]]),
+    }
+
+
+def target_log_probs(model, tokenizer, facts):
+    """Mean log-probability of each fact's target tokens, from transformers' own loss."""
+    with torch.no_grad():
+        return torch.tensor([-model(**hf_example(model, tokenizer, *fact)).loss for fact in facts])
+
+
+def reference_keys_and_grads(model, tokenizer, facts, module_name):
+    """Keys and value gradients by plain autograd on transformers' loss, one fact at a time."""
+    module = model.get_submodule(module_name)
+    keys, grads = [], []
+    for prompt, target in facts:
+        captured = {}
+
+        def hook(mod, args, output):
+            output.retain_grad()
+            captured.update(key=args[0], output=output)
+
+        handle = module.register_forward_hook(hook)
+        example = hf_example(model, tokenizer, prompt, target)
+        model.zero_grad()
+        model(**example).loss.backward()  # the mean over the fact's target tokens
+        handle.remove()
+        if model.config.is_encoder_decoder:
+            positions = slice(None)  # every encoder token, or every decoder (= target) token
+        else:
+            # positions whose next token is a target token
+            prompt_length = int((example["labels"][0] == -100).sum())
+            positions = slice(prompt_length - 1, example["input_ids"].shape[1] - 1)
+        keys.append(captured["key"][0, positions].detach())
+        grads.append(captured["output"].grad[0, positions])
+    return torch.cat(keys).double(), torch.cat(grads).double()
+
+
+def test_shift_matches_independent_least_squares(model_and_tokenizer, facts):
+    model, tokenizer = model_and_tokenizer
+    editor = untrained_editor(model, lambda_init=-1.0)
+    before = snapshot(model)
+    editor.apply_edits(model, facts, tokenizer=tokenizer)
+    deltas = weight_deltas(model, before)
+    model.load_state_dict(before)
+
+    for name in editor.config.edit_modules:
+        keys, grads = reference_keys_and_grads(model, tokenizer, facts, name)
+        lr = editor.config.lr_init
+        # An untrained editor is the identity: the value difference of each token is -lr |k|^2 g.
+        diffs = -lr * keys.square().sum(-1, keepdim=True) * grads
+        ridge_rows = (
+            torch.exp(torch.tensor(editor.config.lambda_init / 2)).double() * torch.eye(keys.shape[1]).double()
+        )
+        zeros = torch.zeros(keys.shape[1], grads.shape[1]).double()
+        expected = torch.linalg.lstsq(torch.cat([keys, ridge_rows]), torch.cat([diffs, zeros])).solution
+        module = model.get_submodule(name)
+        delta = deltas[f"{name}.weight"]
+        delta = delta if isinstance(module, Conv1D) else delta.T
+        assert_close_at_scale(delta.double(), expected)
+
+
+def test_sum_aggregation_is_the_sum_of_outer_products(gpt2, facts):
+    model, tokenizer = gpt2
+    editor = untrained_editor(model, aggregation="sum", lr_init=0.1)
+    before = snapshot(model)
+    editor.apply_edits(model, facts, tokenizer=tokenizer)
+    deltas = weight_deltas(model, before)
+    model.load_state_dict(before)
+    for name in editor.config.edit_modules:
+        keys, grads = reference_keys_and_grads(model, tokenizer, facts, name)
+        expected = -0.1 * sum(torch.outer(k, g) for k, g in zip(keys, grads, strict=True))
+        assert_close_at_scale(deltas[f"{name}.weight"].double(), expected)
+
+
+@pytest.mark.parametrize("aggregation", ["least_squares", "sum"])
+def test_result_does_not_depend_on_batch_sizes(model_and_tokenizer, facts, aggregation):
+    model, tokenizer = model_and_tokenizer
+    editor = untrained_editor(model, aggregation=aggregation)
+    before = snapshot(model)
+    results = []
+    for batch_size, editor_batch_size in [(1, 1), (3, 1024), (len(facts), 1), (len(facts), 1024)]:
+        handle = editor.apply_edits(
+            model, facts, tokenizer=tokenizer, batch_size=batch_size, editor_batch_size=editor_batch_size
+        )
+        results.append(weight_deltas(model, before))
+        handle.revert()
+    for result in results[1:]:
+        assert result.keys() == results[0].keys()
+        for name in result:
+            assert_close_at_scale(result[name], results[0][name])
+
+
+def test_untrained_editor_makes_targets_more_likely(model_and_tokenizer, facts):
+    model, tokenizer = model_and_tokenizer
+    before = target_log_probs(model, tokenizer, facts)
+    handle = untrained_editor(model).apply_edits(model, facts, tokenizer=tokenizer)
+    after = target_log_probs(model, tokenizer, facts)
+    assert (after - before).mean() > 0.1
+    assert (after > before).float().mean() >= 0.7
+    assert handle.num_facts == len(facts)
+    assert handle.num_tokens >= len(facts)
+    assert all(norm > 0 for norm in handle.shift_norms.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_apply_then_revert_is_bit_exact(model_and_tokenizer, facts, dtype):
+    model, tokenizer = model_and_tokenizer
+    model.to(dtype)
+    before = snapshot(model)
+    editor = untrained_editor(model)
+    handle = editor.apply_edits(model, facts, tokenizer=tokenizer)
+    assert weight_deltas(model, before), "the edit changed nothing"
+    assert all(model.get_submodule(name).weight.dtype == dtype for name in handle.modules)
+    handle.revert()
+    assert_bit_identical(model, before)
+    assert not handle.applied
+
+
+def test_stacked_edits_revert_in_order(gpt2, facts):
+    model, tokenizer = gpt2
+    model.to(torch.bfloat16)
+    editor = untrained_editor(model)
+    original = snapshot(model)
+    first = editor.apply_edits(model, facts[:3], tokenizer=tokenizer)
+    after_first = snapshot(model)
+    second = editor.apply_edits(model, facts[3:], tokenizer=tokenizer)
+    with pytest.raises(RuntimeError, match="revert those first"):
+        first.revert()
+    second.revert()
+    assert_bit_identical(model, after_first)
+    first.revert()
+    assert_bit_identical(model, original)
+    with pytest.raises(RuntimeError, match="already reverted"):
+        first.revert()
+
+
+def test_revert_edits_undoes_every_call(gpt2, facts):
+    model, tokenizer = gpt2
+    editor = untrained_editor(model)
+    original = snapshot(model)
+    for fact in facts[:3]:
+        editor.apply_edits(model, [fact], tokenizer=tokenizer)
+    assert revert_edits(model) == 3
+    assert_bit_identical(model, original)
+    assert revert_edits(model) == 0
+
+
+def test_attach_gives_the_model_apply_and_revert(gpt2, facts, tmp_path):
+    model, tokenizer = gpt2
+    class_name = type(model).__name__
+    original = snapshot(model)
+    editor = untrained_editor(model)
+    assert editor.attach(model, tokenizer) is model
+    assert type(model).__name__ == class_name
+
+    handle = model.apply_edits(facts, batch_size=2)
+    assert handle.num_facts == len(facts)
+    edited = snapshot(model)
+    model.save_pretrained(tmp_path)  # an ordinary checkpoint: no editor weights, the original architecture
+    reloaded = type(model).__bases__[1].from_pretrained(tmp_path)
+    assert_bit_identical(reloaded, edited)
+    assert model.revert_edits() == 1
+    assert_bit_identical(model, original)
+    model.detach_editor()
+    assert not hasattr(model, "apply_edits")
+
+
+def test_user_state_is_restored(gpt2, facts):
+    model, tokenizer = gpt2
+    model.train()
+    model.transformer.wte.weight.requires_grad_(False)
+    flags = {name: param.requires_grad for name, param in model.named_parameters()}
+    with torch.no_grad():  # apply_edits needs gradients internally, whatever the caller's context
+        untrained_editor(model).apply_edits(model, facts, tokenizer=tokenizer)
+    assert model.training
+    assert {name: param.requires_grad for name, param in model.named_parameters()} == flags
+
+
+def test_edit_request_forms_are_equivalent(gpt2):
+    model, tokenizer = gpt2
+    editor = untrained_editor(model)
+    before = snapshot(model)
+    forms = [
+        [("The capital of France is", "Berlin")],
+        [{"prompt": "The capital of France is", "target": "Berlin"}],
+        [EditRequest("The capital of France is", "Berlin", rephrases="France's capital is")],
+    ]
+    results = []
+    for facts in forms:
+        handle = editor.apply_edits(model, facts, tokenizer=tokenizer)
+        results.append(weight_deltas(model, before))
+        handle.revert()
+    for result in results[1:]:
+        for name in result:
+            torch.testing.assert_close(result[name], results[0][name])
+
+
+def test_editor_on_another_device_or_copy_gives_the_same_shift(gpt2, facts):
+    model, tokenizer = gpt2
+    editor = untrained_editor(model)
+    before = snapshot(model)
+    editor.apply_edits(model, facts, tokenizer=tokenizer)
+    first = weight_deltas(model, before)
+    revert_edits(model)
+    copy.deepcopy(editor).apply_edits(model, facts, tokenizer=tokenizer)
+    second = weight_deltas(model, before)
+    for name in first:
+        torch.testing.assert_close(first[name], second[name])

@@ -1,0 +1,111 @@
+"""Bad input fails with a message that says what is wrong, and leaves every weight and flag as it was."""
+
+import pytest
+import torch
+
+from malmen_hf import MalmenConfig, MalmenEditorModel, editing
+from tests import tiny
+from tests.conftest import assert_bit_identical, snapshot
+
+
+@pytest.fixture
+def setup(gpt2):
+    model, tokenizer = gpt2
+    model.train()
+    model.lm_head.weight.requires_grad_(False)  # tied to wte: a user-frozen parameter
+    editor = MalmenEditorModel.for_model(model, rank=4, lr_init=1.0)
+    state = (snapshot(model), model.training, [param.requires_grad for param in model.parameters()])
+    yield model, tokenizer, editor
+    before, training, flags = state
+    assert_bit_identical(model, before)
+    assert model.training == training
+    assert [param.requires_grad for param in model.parameters()] == flags
+    assert not getattr(model, "_malmen_edit_handles", [])
+
+
+@pytest.mark.parametrize(
+    ("facts", "message"),
+    [
+        ([], "`facts` is empty"),
+        (("The capital of France is", "Berlin"), "wrap a single fact in a list"),
+        ({"prompt": "a", "target": "b"}, "wrap a single fact in a list"),
+        ([("The capital of France is", "")], "fact 0: 'target' must be a non-empty string"),
+        ([("ok", "fine"), {"prompt": "x", "target_new": "y"}], r"fact 1: unknown keys \['target_new'\]"),
+        ([("ok", "fine"), ("a", "b", "c")], "fact 1: expected an EditRequest, a dict or a \\(prompt, target\\) pair"),
+        ([("ok", "fine"), 42], "fact 1: expected"),
+        ([{"prompt": "x", "target": "y", "locality_prompt": "z"}], "must be given together"),
+        ([("word " * 80, "long")], "takes at most 64"),
+    ],
+)
+def test_invalid_facts(setup, facts, message):
+    model, tokenizer, editor = setup
+    with pytest.raises(ValueError, match=message):
+        editor.apply_edits(model, facts, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize(("option", "value"), [("batch_size", 0), ("editor_batch_size", -1), ("batch_size", 1.5)])
+def test_invalid_batch_sizes(setup, option, value):
+    model, tokenizer, editor = setup
+    with pytest.raises(ValueError, match=f"{option} must be a positive integer"):
+        editor.apply_edits(model, [("a", "b")], tokenizer=tokenizer, **{option: value})
+
+
+def test_editor_for_another_architecture(setup):
+    model, tokenizer, _ = setup
+    other = MalmenEditorModel.for_model(tiny.gptj_model(64), rank=4)
+    with pytest.raises(ValueError, match="has no module named 'transformer.h.0.mlp.fc_out'.*for_model"):
+        other.apply_edits(model, [("a", "b")], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="has no module named"):
+        other.attach(model, tokenizer)
+
+
+def test_editor_for_other_shapes(setup):
+    model, tokenizer, editor = setup
+    config = MalmenConfig(**{**editor.config.to_dict(), "edit_module_shapes": [[128, 64], [128, 32]]})
+    with pytest.raises(
+        ValueError, match=r"has shape \(d_in, d_out\) = \(128, 32\) but this editor was built for \(128, 64\)"
+    ):
+        MalmenEditorModel(config).apply_edits(model, [("a", "b")], tokenizer=tokenizer)
+
+
+def test_editor_of_a_non_linear_module(setup):
+    model, tokenizer, editor = setup
+    config = MalmenConfig(
+        **{**editor.config.to_dict(), "edit_modules": ["transformer.h.0.ln_1", "transformer.h.1.mlp.c_proj"]}
+    )
+    with pytest.raises(ValueError, match="is a LayerNorm; MALMEN edits only nn.Linear and Conv1D"):
+        MalmenEditorModel(config).apply_edits(model, [("a", "b")], tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize(("parameter", "value"), [("lr", float("nan")), ("lr", float("inf")), ("lamda", float("inf"))])
+def test_non_finite_solve(setup, facts, parameter, value):
+    model, tokenizer, editor = setup
+    with torch.no_grad():
+        getattr(editor.nets["128x32"], parameter).fill_(value)
+    with pytest.raises(ValueError, match="no weight was changed"):
+        editor.apply_edits(model, facts, tokenizer=tokenizer)
+
+
+def test_failure_while_caching(setup):
+    model, tokenizer, editor = setup
+    bad_tokenizer = tiny.gpt2_tokenizer()
+    bad_tokenizer.add_tokens([f"<extra{i}>" for i in range(10)])  # ids past the model's vocabulary
+    with pytest.raises(IndexError):
+        editor.apply_edits(model, [("The capital <extra9>", "Rome")], tokenizer=bad_tokenizer)
+
+
+def test_failure_while_applying_restores_the_first_layers(setup, facts, monkeypatch):
+    model, tokenizer, editor = setup
+    calls = []
+    real_shifted_weight = editing.shifted_weight
+
+    def fail_on_second_layer(module, shift):
+        calls.append(module)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real_shifted_weight(module, shift)
+
+    monkeypatch.setattr(editing, "shifted_weight", fail_on_second_layer)
+    with pytest.raises(RuntimeError, match="simulated"):
+        editor.apply_edits(model, facts, tokenizer=tokenizer)
+    assert len(calls) == 2
