@@ -61,7 +61,7 @@ def reference_keys_and_grads(model, tokenizer, facts, module_name):
     for prompt, target in facts:
         captured = {}
 
-        def hook(mod, args, output):
+        def hook(mod, args, output, captured=captured):
             output.retain_grad()
             captured.update(key=args[0], output=output)
 

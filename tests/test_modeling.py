@@ -1,0 +1,181 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel
+
+from malmen_hf import MalmenConfig, MalmenEditorModel, default_edit_modules
+from tests import tiny
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def trained_looking_editor(**kwargs) -> MalmenEditorModel:
+    """An editor whose every parameter and buffer holds non-default values, as after training."""
+    config = MalmenConfig(
+        edit_modules=["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj", "lm_head"],
+        edit_module_shapes=[[128, 32], [128, 32], [32, 320]],
+        rank=8,
+        **kwargs,
+    )
+    editor = MalmenEditorModel(config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in editor.state_dict().values():
+            tensor.copy_(torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) + 0.5)
+    return editor
+
+
+def test_one_net_per_shape_shared_by_layers():
+    editor = trained_looking_editor()
+    assert sorted(editor.nets) == ["128x32", "32x320"]
+    assert editor.nets["128x32"].lr.shape == (2,)
+    assert editor.net_for("transformer.h.1.mlp.c_proj")[1] == 1
+    assert editor.net_for("lm_head")[1] == 0
+
+
+def test_fresh_editor_is_the_identity():
+    editor = MalmenEditorModel.for_model(tiny.gpt2_model(64), rank=4, lr_init=0.5, lambda_init=-1.0)
+    keys, grads = torch.randn(5, 128), torch.randn(5, 32)
+    pseudo_keys, pseudo_grads = editor(keys, grads, "transformer.h.0.mlp.c_proj")
+    torch.testing.assert_close(pseudo_keys, keys)
+    torch.testing.assert_close(pseudo_grads, grads)
+    assert editor.nets["128x32"].lr.tolist() == [0.5, 0.5]
+    assert editor.nets["128x32"].lamda.tolist() == [-1.0, -1.0]
+
+
+def test_save_and_load_round_trip_bit_exact(tmp_path):
+    editor = trained_looking_editor(aggregation="sum", lr_init=3e-4)
+    editor.save_pretrained(tmp_path)
+    assert {"config.json", "model.safetensors", "modeling_malmen.py", "configuration_malmen.py"} <= set(
+        os.listdir(tmp_path)
+    )
+    reloaded = MalmenEditorModel.from_pretrained(tmp_path)
+    without_path = lambda config: {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}  # noqa: E731
+    assert without_path(reloaded.config) == without_path(editor.config)
+    saved = editor.state_dict()
+    assert reloaded.state_dict().keys() == saved.keys()
+    for name, tensor in reloaded.state_dict().items():
+        assert tensor.dtype == saved[name].dtype and torch.equal(tensor, saved[name]), name
+    assert set(load_file(tmp_path / "model.safetensors")) == set(saved)
+
+
+def test_auto_classes_know_malmen(tmp_path):
+    editor = trained_looking_editor()
+    editor.save_pretrained(tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), MalmenConfig)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(loaded, MalmenEditorModel)
+    assert torch.equal(loaded.nets["32x320"].blocks[1].B, editor.nets["32x320"].blocks[1].B)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_malmen.MalmenConfig",
+        "AutoModel": "modeling_malmen.MalmenEditorModel",
+    }
+
+
+def test_remote_code_loads_and_edits_without_malmen_hf(tmp_path, gpt2, facts):
+    model, tokenizer = gpt2
+    editor = MalmenEditorModel.for_model(model, rank=4, lr_init=1.0)
+    with torch.no_grad():
+        editor.nets["128x32"].blocks[0].B.normal_()
+    editor.save_pretrained(tmp_path / "editor")
+    expected = editor.apply_edits(model, facts, tokenizer=tokenizer).shift_norms
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from transformers import AutoModel
+        from tests import tiny
+        editor = AutoModel.from_pretrained({str(tmp_path / "editor")!r}, trust_remote_code=True)
+        assert "malmen_hf" not in sys.modules, "the library was imported"
+        assert type(editor).__module__.startswith("transformers_modules"), type(editor).__module__
+        tokenizer = tiny.gpt2_tokenizer()
+        model = tiny.gpt2_model(len(tokenizer))
+        before = {{k: v.clone() for k, v in model.state_dict().items()}}
+        handle = editor.apply_edits(model, {facts!r}, tokenizer=tokenizer)
+        print(sorted(handle.shift_norms.items()))
+        handle.revert()
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    norms = dict(eval(result.stdout.strip().splitlines()[-1]))
+    assert norms.keys() == expected.keys()
+    for name, norm in norms.items():
+        assert norm == pytest.approx(expected[name], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        (tiny.gpt2_model, ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]),
+        (tiny.gptj_model, ["transformer.h.0.mlp.fc_out", "transformer.h.1.mlp.fc_out"]),
+        (tiny.gpt_neox_model, ["gpt_neox.layers.0.mlp.dense_4h_to_h", "gpt_neox.layers.1.mlp.dense_4h_to_h"]),
+        (tiny.llama_model, ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]),
+        (
+            tiny.t5_model,
+            [
+                "encoder.block.0.layer.1.DenseReluDense.wo",
+                "encoder.block.1.layer.1.DenseReluDense.wo",
+                "decoder.block.0.layer.2.DenseReluDense.wo",
+                "decoder.block.1.layer.2.DenseReluDense.wo",
+            ],
+        ),
+        (tiny.bert_model, ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"]),
+    ],
+)
+def test_default_edit_modules_per_family(build, expected):
+    model = build(64)
+    assert default_edit_modules(model) == expected
+    editor = MalmenEditorModel.for_model(model, rank=4)
+    assert editor.config.edit_modules == expected
+    assert len(editor.nets) == 1
+
+
+def test_default_edit_modules_takes_the_last_blocks():
+    model = tiny.gpt2_model(64)
+    assert default_edit_modules(model, num_blocks=1) == ["transformer.h.1.mlp.c_proj"]
+
+
+def test_for_model_with_explicit_modules_and_shapes():
+    model = tiny.llama_model(64)
+    names = ["model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj", "model.layers.0.self_attn.o_proj"]
+    editor = MalmenEditorModel.for_model(model, edit_modules=names, rank=4, aggregation="sum")
+    assert editor.config.edit_module_shapes == [[64, 32], [32, 64], [32, 32]]
+    assert sorted(editor.nets) == ["32x32", "32x64", "64x32"]
+    assert editor.config.aggregation == "sum"
+
+
+def test_unknown_architecture_asks_for_names():
+    with pytest.raises(ValueError, match="Pass `edit_modules=\\[...\\]`"):
+        default_edit_modules(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"rank": 0}, "rank"),
+        ({"n_blocks": -1}, "n_blocks"),
+        ({"aggregation": "mean"}, "aggregation"),
+        ({"token_positions": "prompt"}, "token_positions"),
+        ({"lr_init": float("nan")}, "lr_init"),
+        ({"lambda_init": float("inf")}, "lambda_init"),
+        ({"edit_modules": ["a", "a"], "edit_module_shapes": [[1, 2], [1, 2]]}, "edit_modules"),
+        ({"edit_modules": ["a"], "edit_module_shapes": [[1, 0]]}, "edit_module_shapes"),
+        ({"edit_modules": ["a"], "edit_module_shapes": []}, "edit_module_shapes"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs, field):
+    with pytest.raises(StrictDataclassError, match=field):
+        MalmenConfig(**kwargs)
