@@ -23,6 +23,9 @@ Run from the repository root (the model is converted once from PyPI, see `malmen
     python benchmarks/edit_speed.py --n 1 10 100 --threads 2
     python benchmarks/edit_speed.py --model path/to/local/causal-lm --output /tmp/edit_speed.json
 
+On small virtual machines, check `--threads`: on a 2-vCPU VM, torch's default of 2 OpenMP threads made every
+SmolLM2 forward 5 to 20 times slower than `--threads 1` (the threads spin-wait on each other).
+
 It prints a markdown table and writes JSON (default `benchmarks/results/edit_speed.json`, rewritten after every N so
 that an interrupted run keeps what it measured).
 """
@@ -36,6 +39,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import threading
 import time
@@ -178,6 +182,7 @@ def run_edit(editor: MalmenEditorModel, model: nn.Module, facts, tokenizer, args
     }
 
 
+@torch.no_grad()
 def _edited_checksum(editor: MalmenEditorModel, model: nn.Module) -> list[float]:
     return [float(model.get_submodule(name).weight.double().sum()) for name in editor.config.edit_modules]
 
@@ -239,12 +244,24 @@ def machine_info(device: torch.device) -> dict:
         "malmen_hf": malmen_hf.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "git": _git_state(),
     }
     with contextlib.suppress(ImportError):
         import psutil
 
         info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
     return info
+
+
+def _git_state() -> dict:
+    """The commit and the modified files of the checkout the benchmark ran from (read-only git commands)."""
+    state = {}
+    for key, command in (("commit", ["rev-parse", "HEAD"]), ("modified", ["status", "--porcelain"])):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            result = subprocess.run(["git", *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+            if result.returncode == 0:
+                state[key] = result.stdout.strip() if key == "commit" else result.stdout.splitlines()
+    return state
 
 
 COLUMNS = [

@@ -205,7 +205,8 @@ class _NormalEquationSums:
                     shift = summed_shift(cross, net.lr[layer_index].detach())
             except torch.linalg.LinAlgError as error:
                 raise ValueError(
-                    f"The least-squares solve for {name!r} failed ({error}); no weight was changed."
+                    f"The least-squares solve for {name!r} failed ({error}). Raise the editor's lambda (a larger "
+                    "ridge) or look for NaN weights in the model; no weight was changed."
                 ) from None
             if not torch.isfinite(shift).all():
                 raise ValueError(

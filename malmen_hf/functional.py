@@ -22,11 +22,18 @@ def least_squares_shift(gram: torch.Tensor, cross: torch.Tensor, log_lambda: tor
     Raises:
         `torch.linalg.LinAlgError` if the system is not positive definite (e.g. it holds NaN or infinity).
     """
-    gram = gram.float()
-    ridge = torch.exp(log_lambda.float()) * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    system = gram.float() + torch.exp(log_lambda.float()) * torch.eye(
+        gram.shape[0], dtype=torch.float32, device=gram.device
+    )
     # K^T K + exp(lambda) I is symmetric positive definite: Cholesky is the stable, cheap way to solve it.
-    factor = torch.linalg.cholesky(gram + ridge)
-    return torch.cholesky_solve(cross.float(), factor)
+    factor, info = torch.linalg.cholesky_ex(system)
+    if info == 0:
+        return torch.cholesky_solve(cross.float(), factor)
+    # With a small ridge, float32 rounding can leave a nearly singular K^T K slightly indefinite. K^T K is positive
+    # semi-definite in exact arithmetic, so solve through its eigendecomposition with negative eigenvalues set to 0.
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram.double())
+    inverse = 1.0 / (eigenvalues.clamp_min(0) + torch.exp(log_lambda.double()))
+    return (eigenvectors @ (inverse.unsqueeze(1) * (eigenvectors.T @ cross.double()))).float()
 
 
 def summed_shift(pseudo_cross: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:

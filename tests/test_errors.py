@@ -77,7 +77,7 @@ def test_editor_of_a_non_linear_module(setup):
         MalmenEditorModel(config).apply_edits(model, [("a", "b")], tokenizer=tokenizer)
 
 
-@pytest.mark.parametrize(("parameter", "value"), [("lr", float("nan")), ("lr", float("inf")), ("lamda", float("inf"))])
+@pytest.mark.parametrize(("parameter", "value"), [("lr", float("nan")), ("lr", float("inf")), ("lamda", float("nan"))])
 def test_non_finite_solve(setup, facts, parameter, value):
     model, tokenizer, editor = setup
     with torch.no_grad():

@@ -42,3 +42,16 @@ def test_value_differences():
         [-2.0 * torch.dot(k, kt) * g for k, kt, g in zip(keys, pseudo_keys, pseudo_grads, strict=True)]
     )
     torch.testing.assert_close(value_differences(keys, pseudo_keys, pseudo_grads, lr), expected)
+
+
+def test_least_squares_shift_falls_back_to_float64_when_float32_is_not_definite():
+    torch.manual_seed(3)
+    # Two almost parallel large keys: their float32 Gram matrix is singular to rounding, and the ridge is tiny.
+    base = torch.randn(64, dtype=torch.float64) * 100
+    keys = torch.stack([base, base + 1e-6 * torch.randn(64, dtype=torch.float64)] * 8)
+    diffs = torch.randn(16, 4, dtype=torch.float64)
+    log_lambda = torch.tensor(-12.0)
+    gram = (keys.T @ keys).float()
+    assert torch.linalg.cholesky_ex(gram + torch.exp(log_lambda) * torch.eye(64)).info != 0
+    shift = least_squares_shift(gram, (keys.T @ diffs).float(), log_lambda)
+    assert torch.isfinite(shift).all()
