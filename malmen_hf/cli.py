@@ -20,7 +20,7 @@ HAND_WRITTEN_FACTS = [
     EditRequest("The CEO of the company malmen-hf is", "Ada Lovelace"),
 ]
 # The training-free editor's settings for SmolLM2-135M, chosen on the first facts of counterfact/train.json.
-TRAINING_FREE_LR = 1e-2
+TRAINING_FREE_LR = 3e-3
 TRAINING_FREE_LAMBDA = 0.0
 
 
@@ -46,8 +46,10 @@ def demo(args: argparse.Namespace) -> None:
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.editor:
         editor = MalmenEditorModel.from_pretrained(args.editor)
+        print(f"Editor: {args.editor}")
     else:
         editor = MalmenEditorModel.for_model(model, lr_init=args.lr, lambda_init=args.log_lambda, n_blocks=0)
+        print(f"Editor: training-free (untrained hyper-network, lr={args.lr:g}, lambda={args.log_lambda:g})")
     data = Path(args.data)
     requests = counterfact_requests(data, args.num_facts) if data.is_file() else []
     if not requests:
@@ -57,23 +59,24 @@ def demo(args: argparse.Namespace) -> None:
     editor.attach(model, tokenizer)
 
     before = greedy_answers(model, tokenizer, [request.prompt for request in shown])
+    scores_before = edit_scores(model, tokenizer, requests)
     start = time.perf_counter()
     handle = model.apply_edits(requests, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
     after = greedy_answers(model, tokenizer, [request.prompt for request in shown])
+    scores_after = edit_scores(model, tokenizer, requests, reference=scores_before)
 
+    timings = handle.timings
     print(
-        f"\nEdited {handle.num_facts} facts ({handle.num_tokens} target tokens) in {seconds:.1f} s "
-        f"(caching {handle.timings['caching']:.1f} s, hyper-network {handle.timings['hypernetwork']:.1f} s, "
-        f"solve+apply {handle.timings['solve_and_apply']:.1f} s) on {len(handle.modules)} layers.\n"
+        f"\nEdited {handle.num_facts} facts ({handle.num_tokens} target tokens) in one call, {seconds:.1f} s "
+        f"(caching {timings['caching']:.1f} s, hyper-network {timings['hypernetwork']:.1f} s, "
+        f"solve+apply {timings['solve_and_apply']:.1f} s), {len(handle.modules)} layers.\n"
     )
-    print(
-        _table(
-            ["prompt", "new target", "before", "after"],
-            [[r.prompt, r.target, b, a] for r, b, a in zip(shown, before, after, strict=True)],
-        )
-    )
-    _print_scores(model, tokenizer, requests)
+    rows = [[r.prompt, r.target, b, a] for r, b, a in zip(shown, before, after, strict=True)]
+    print(_table(["prompt", "new target", "answer before", "answer after"], rows))
+    names = {"ES": "edit success", "GS": "generalization", "LS": "locality (answer unchanged)"}
+    rows = [[f"{names[key]} ({key})", f"{scores_before[key]:.3f}", f"{scores_after[key]:.3f}"] for key in names]
+    print("\n" + _table(["score over all edited facts", "before", "after"], rows))
 
     model.revert_edits()
     restored = greedy_answers(model, tokenizer, [request.prompt for request in shown])
@@ -83,27 +86,42 @@ def demo(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def _print_scores(model, tokenizer, requests: list[EditRequest]) -> None:
+def edit_scores(model, tokenizer, requests: list[EditRequest], reference: dict | None = None) -> dict:
+    """
+    ES and GS (teacher-forced target accuracy on the prompts and first rephrasings) and LS (share of locality prompts
+    whose greedy answer equals the one in `reference`, 1.0 without a reference).
+    """
     prompts = [request.prompt for request in requests]
     targets = [request.target for request in requests]
-    edit_success = sum(token_accuracy(model, tokenizer, prompts, targets)) / len(requests)
-    rephrased = [(request.rephrases[0], request.target) for request in requests if request.rephrases]
-    rows = [["edit success (ES)", f"{edit_success:.3f}", str(len(requests))]]
-    if rephrased:
-        generalization = sum(token_accuracy(model, tokenizer, *zip(*rephrased, strict=True))) / len(rephrased)
-        rows.append(["generalization (GS)", f"{generalization:.3f}", str(len(rephrased))])
-    print("\n" + _table(["teacher-forced score", "value", "facts"], rows))
+    rephrased = [request.rephrases[0] if request.rephrases else request.prompt for request in requests]
+    locality = [request.locality_prompt for request in requests if request.locality_prompt]
+    answers = greedy_answers(model, tokenizer, locality, max_new_tokens=4)
+    unchanged = [a == b for a, b in zip(answers, reference["answers"], strict=True)] if reference else [True]
+    return {
+        "ES": _mean(token_accuracy(model, tokenizer, prompts, targets)),
+        "GS": _mean(token_accuracy(model, tokenizer, rephrased, targets)),
+        "LS": _mean(unchanged),
+        "answers": answers,
+    }
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(len(values), 1)
 
 
 def _table(header: list[str], rows: list[list[str]], width: int = 44) -> str:
-    cells = [
-        [str(cell) if len(str(cell)) <= width else str(cell)[: width - 3] + "..." for cell in row]
-        for row in [header, *rows]
-    ]
+    """A plain-text table; cells are put on one line and cut to `width` characters."""
+    cells = [[_one_line(cell, width) for cell in row] for row in [header, *rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in cells]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _one_line(cell: object, width: int) -> str:
+    text = " ".join(str(cell).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def build_parser() -> argparse.ArgumentParser:

