@@ -28,6 +28,15 @@ def weight_deltas(model, before):
     return {name: after[name] - before[name] for name in before if not torch.equal(after[name], before[name])}
 
 
+def edit_deltas(editor, model, tokenizer, facts, **kwargs):
+    """The weight changes `apply_edits` makes; the edit is reverted before returning."""
+    before = snapshot(model)
+    handle = editor.apply_edits(model, facts, tokenizer=tokenizer, **kwargs)
+    deltas = weight_deltas(model, before)
+    handle.revert()
+    return deltas
+
+
 def assert_close_at_scale(actual, expected, tolerance=1e-4):
     """Equal up to `tolerance` of the largest entry: weight deltas are differences of float32 weights."""
     torch.testing.assert_close(actual, expected, rtol=0, atol=tolerance * float(expected.abs().max()))
@@ -84,10 +93,7 @@ def reference_keys_and_grads(model, tokenizer, facts, module_name):
 def test_shift_matches_independent_least_squares(model_and_tokenizer, facts):
     model, tokenizer = model_and_tokenizer
     editor = untrained_editor(model, lambda_init=-1.0)
-    before = snapshot(model)
-    editor.apply_edits(model, facts, tokenizer=tokenizer)
-    deltas = weight_deltas(model, before)
-    model.load_state_dict(before)
+    deltas = edit_deltas(editor, model, tokenizer, facts)
 
     for name in editor.config.edit_modules:
         keys, grads = reference_keys_and_grads(model, tokenizer, facts, name)
@@ -108,10 +114,7 @@ def test_shift_matches_independent_least_squares(model_and_tokenizer, facts):
 def test_sum_aggregation_is_the_sum_of_outer_products(gpt2, facts):
     model, tokenizer = gpt2
     editor = untrained_editor(model, aggregation="sum", lr_init=0.1)
-    before = snapshot(model)
-    editor.apply_edits(model, facts, tokenizer=tokenizer)
-    deltas = weight_deltas(model, before)
-    model.load_state_dict(before)
+    deltas = edit_deltas(editor, model, tokenizer, facts)
     for name in editor.config.edit_modules:
         keys, grads = reference_keys_and_grads(model, tokenizer, facts, name)
         expected = -0.1 * sum(torch.outer(k, g) for k, g in zip(keys, grads, strict=True))
@@ -122,14 +125,10 @@ def test_sum_aggregation_is_the_sum_of_outer_products(gpt2, facts):
 def test_result_does_not_depend_on_batch_sizes(model_and_tokenizer, facts, aggregation):
     model, tokenizer = model_and_tokenizer
     editor = untrained_editor(model, aggregation=aggregation)
-    before = snapshot(model)
-    results = []
-    for batch_size, editor_batch_size in [(1, 1), (3, 1024), (len(facts), 1), (len(facts), 1024)]:
-        handle = editor.apply_edits(
-            model, facts, tokenizer=tokenizer, batch_size=batch_size, editor_batch_size=editor_batch_size
-        )
-        results.append(weight_deltas(model, before))
-        handle.revert()
+    results = [
+        edit_deltas(editor, model, tokenizer, facts, batch_size=batch_size, editor_batch_size=editor_batch_size)
+        for batch_size, editor_batch_size in [(1, 1), (3, 1024), (len(facts), 1), (len(facts), 1024)]
+    ]
     for result in results[1:]:
         assert result.keys() == results[0].keys()
         for name in result:
@@ -225,30 +224,22 @@ def test_user_state_is_restored(gpt2, facts):
 def test_edit_request_forms_are_equivalent(gpt2):
     model, tokenizer = gpt2
     editor = untrained_editor(model)
-    before = snapshot(model)
     forms = [
         [("The capital of France is", "Berlin")],
         [{"prompt": "The capital of France is", "target": "Berlin"}],
         [EditRequest("The capital of France is", "Berlin", rephrases="France's capital is")],
     ]
-    results = []
-    for facts in forms:
-        handle = editor.apply_edits(model, facts, tokenizer=tokenizer)
-        results.append(weight_deltas(model, before))
-        handle.revert()
+    results = [edit_deltas(editor, model, tokenizer, facts) for facts in forms]
     for result in results[1:]:
         for name in result:
             torch.testing.assert_close(result[name], results[0][name])
 
 
-def test_editor_on_another_device_or_copy_gives_the_same_shift(gpt2, facts):
+def test_a_copied_editor_gives_the_same_shift(gpt2, facts):
     model, tokenizer = gpt2
     editor = untrained_editor(model)
-    before = snapshot(model)
-    editor.apply_edits(model, facts, tokenizer=tokenizer)
-    first = weight_deltas(model, before)
-    revert_edits(model)
-    copy.deepcopy(editor).apply_edits(model, facts, tokenizer=tokenizer)
-    second = weight_deltas(model, before)
+    first = edit_deltas(editor, model, tokenizer, facts)
+    second = edit_deltas(copy.deepcopy(editor), model, tokenizer, facts)
+    assert first.keys() == second.keys()
     for name in first:
         torch.testing.assert_close(first[name], second[name])
