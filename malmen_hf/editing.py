@@ -1,7 +1,8 @@
 """`apply_edits`: cache, run the hyper-networks, solve, and shift the base model's weights in place, undoably."""
 
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -9,7 +10,15 @@ import torch
 from torch import nn
 
 from .caching import cache_keys_and_value_grads, frozen_for_caching
-from .facts import FactLike, as_edit_requests, batches_by_length, collate, pad_id_of, tokenize_examples
+from .facts import (
+    FactLike,
+    TokenizedExample,
+    as_edit_requests,
+    batches_by_length,
+    collate,
+    pad_id_of,
+    tokenize_examples,
+)
 from .functional import least_squares_shift, summed_shift, value_differences
 from .layers import get_edit_module, shifted_weight, weight_shape
 
@@ -96,20 +105,16 @@ def apply_edits(
 
     timings = {"caching": 0.0, "hypernetwork": 0.0, "solve_and_apply": 0.0}
     sums = _NormalEquationSums(editor, modules)
-    encoder_modules = _encoder_module_names(model, modules)
-    pad_id = pad_id_of(tokenizer)
-    with frozen_for_caching(model), torch.enable_grad():
-        for indices in batches:
-            start = time.perf_counter()
-            batch = collate([examples[i] for i in indices], pad_id, is_encoder_decoder)
-            cached = cache_keys_and_value_grads(
-                model, modules, batch, is_encoder_decoder, encoder_modules, editor.config.token_positions
-            )
+    start = time.perf_counter()
+    # closing(): if the hyper-network fails mid-way, the model's flags and mode are restored before the error leaves.
+    with contextlib.closing(cached_batches(editor, model, modules, examples, batches, pad_id_of(tokenizer))) as stream:
+        for cached in stream:
             timings["caching"] += time.perf_counter() - start
             start = time.perf_counter()
             with torch.no_grad():
                 sums.add(cached, editor_batch_size)
             timings["hypernetwork"] += time.perf_counter() - start
+            start = time.perf_counter()
 
     start = time.perf_counter()
     shifts = sums.solve()
@@ -128,6 +133,28 @@ def apply_edits(
     getattr(model, _EDIT_STACK).append(handle)
     timings["solve_and_apply"] = time.perf_counter() - start
     return handle
+
+
+def cached_batches(
+    editor: nn.Module,
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    examples: list[TokenizedExample],
+    batches: list[list[int]],
+    pad_id: int,
+) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """
+    Yields, batch after batch, the keys and value gradients of each edited module (see
+    [`cache_keys_and_value_grads`]), with the model frozen and in eval mode meanwhile.
+    """
+    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    encoder_modules = _encoder_module_names(model, modules)
+    with frozen_for_caching(model), torch.enable_grad():
+        for indices in batches:
+            batch = collate([examples[i] for i in indices], pad_id, is_encoder_decoder)
+            yield cache_keys_and_value_grads(
+                model, modules, batch, is_encoder_decoder, encoder_modules, editor.config.token_positions
+            )
 
 
 def _checked_modules(editor: nn.Module, model: nn.Module) -> dict[str, nn.Module]:

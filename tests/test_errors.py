@@ -109,3 +109,15 @@ def test_failure_while_applying_restores_the_first_layers(setup, facts, monkeypa
     with pytest.raises(RuntimeError, match="simulated"):
         editor.apply_edits(model, facts, tokenizer=tokenizer)
     assert len(calls) == 2
+
+
+def test_failure_in_the_hyper_network_restores_flags_at_once(setup, facts, monkeypatch):
+    model, tokenizer, editor = setup
+
+    def broken_net(*args, **kwargs):
+        raise RuntimeError("hyper-network failure (simulated)")
+
+    monkeypatch.setattr(editor.nets["128x32"], "forward", broken_net)
+    with pytest.raises(RuntimeError, match="simulated"):
+        editor.apply_edits(model, facts, tokenizer=tokenizer)
+    # checked by the fixture while the traceback (and the caching generator's frame) is still alive
