@@ -8,21 +8,40 @@ import torch
 from torch import nn
 
 from .facts import IGNORE_INDEX
+from .functional import at_least_float32
+
+
+def per_fact_mean(
+    token_values: torch.Tensor, row_of_token: torch.Tensor, row_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """
+    The mean of `token_values` over each fact's (batch row's) tokens, summed over facts (each weighted by
+    `row_weights` when given): each fact weighs the same whatever its length, and its gradient does not depend on the
+    other facts of its batch.
+    """
+    tokens_per_row = torch.bincount(row_of_token).clamp_min(1).to(token_values.dtype)
+    weights = 1.0 / tokens_per_row[row_of_token]
+    if row_weights is not None:
+        weights = weights * row_weights.to(weights.device, weights.dtype)[row_of_token]
+    return (token_values * weights).sum()
 
 
 def per_fact_loss(logits: torch.Tensor, labels: torch.Tensor, row_of_token: torch.Tensor) -> torch.Tensor:
     """
-    Cross-entropy averaged over each fact's target tokens, then summed over facts: each fact weighs the same and its
-    gradient does not depend on the other facts of its batch.
+    Cross-entropy averaged over each fact's target tokens, then summed over facts (see [`per_fact_mean`]).
 
     Args:
         logits (`torch.Tensor` of shape `(n, vocab)`): logits at the scored positions only.
         labels (`torch.Tensor` of shape `(n,)`): the target token of each scored position.
         row_of_token (`torch.Tensor` of shape `(n,)`): the fact (batch row) each scored position belongs to.
     """
-    token_losses = nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-    tokens_per_fact = torch.bincount(row_of_token).clamp_min(1)
-    return (token_losses / tokens_per_fact[row_of_token]).sum()
+    return per_fact_mean(nn.functional.cross_entropy(at_least_float32(logits), labels, reduction="none"), row_of_token)
+
+
+def rows_of_scored_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """The batch row of each scored position (`labels != -100`), in the order `logits[mask]` flattens them."""
+    mask = labels != IGNORE_INDEX
+    return torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)[mask]
 
 
 def scored_logits(model: nn.Module, batch: dict[str, torch.Tensor], is_encoder_decoder: bool) -> torch.Tensor:
@@ -99,7 +118,7 @@ def cache_keys_and_value_grads(
     with recorder.recording():
         logits = scored_logits(model, batch, is_encoder_decoder)
     label_mask = batch["labels"] != IGNORE_INDEX
-    rows = torch.arange(label_mask.shape[0]).unsqueeze(1).expand_as(label_mask)[label_mask].to(logits.device)
+    rows = rows_of_scored_tokens(batch["labels"]).to(logits.device)
     loss = per_fact_loss(logits, batch["labels"][label_mask].to(logits.device), rows)
 
     names = list(modules)

@@ -199,20 +199,20 @@ class _NormalEquationSums:
     def __init__(self, editor: nn.Module, modules: dict[str, nn.Module]):
         self.editor = editor
         self.least_squares = editor.config.aggregation == "least_squares"
-        device = editor.device
+        self.device, self.dtype = editor.device, editor.dtype
         self.gram, self.cross = {}, {}
         for name, module in modules.items():
             d_in, d_out = weight_shape(module)
-            self.cross[name] = torch.zeros(d_in, d_out, device=device)
+            self.cross[name] = torch.zeros(d_in, d_out, device=self.device, dtype=self.dtype)
             if self.least_squares:
-                self.gram[name] = torch.zeros(d_in, d_in, device=device)
+                self.gram[name] = torch.zeros(d_in, d_in, device=self.device, dtype=self.dtype)
 
     def add(self, cached: dict[str, tuple[torch.Tensor, torch.Tensor]], editor_batch_size: int) -> None:
         for name, (keys, value_grads) in cached.items():
             net, layer_index = self.editor.net_for(name)
             for start in range(0, keys.shape[0], editor_batch_size):
-                chunk_keys = keys[start : start + editor_batch_size].to(self.editor.device, torch.float32)
-                chunk_grads = value_grads[start : start + editor_batch_size].to(self.editor.device, torch.float32)
+                chunk_keys = keys[start : start + editor_batch_size].to(self.device, self.dtype)
+                chunk_grads = value_grads[start : start + editor_batch_size].to(self.device, self.dtype)
                 pseudo_keys, pseudo_grads = net(chunk_keys, chunk_grads, layer_index)
                 if self.least_squares:
                     diffs = value_differences(chunk_keys, pseudo_keys, pseudo_grads, net.lr[layer_index])

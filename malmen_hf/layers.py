@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .functional import at_least_float32
+
 # The MLP output projection of each architecture family, as (pattern, how many of the last blocks to edit).
 # The first family whose pattern matches a module of the model wins.
 DEFAULT_EDIT_PATTERNS: dict[str, list[str]] = {
@@ -82,8 +84,8 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
 
 def shifted_weight(module: nn.Module, shift: torch.Tensor) -> torch.Tensor:
     """
-    The layer's weight plus a `(d_in, d_out)` float32 shift, added in float32 and cast once to the weight's dtype.
+    The layer's weight plus a `(d_in, d_out)` shift, added in (at least) float32 and cast once to the weight's dtype.
     """
     weight = module.weight
     delta = shift if isinstance(module, Conv1D) else shift.T
-    return (weight.detach().float() + delta.to(weight.device)).to(weight.dtype)
+    return (at_least_float32(weight.detach()) + delta.to(weight.device)).to(weight.dtype)

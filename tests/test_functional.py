@@ -8,7 +8,7 @@ def test_least_squares_shift_matches_lstsq_of_the_ridge_system():
     keys, diffs = torch.randn(40, 6, dtype=torch.float64), torch.randn(40, 3, dtype=torch.float64)
     log_lambda = torch.tensor(0.3)
 
-    shift = least_squares_shift(keys.T @ keys, keys.T @ diffs, log_lambda)
+    shift = least_squares_shift((keys.T @ keys).float(), (keys.T @ diffs).float(), log_lambda)
 
     # Ridge regression is ordinary least squares on [K; sqrt(lambda) I] S = [D; 0].
     ridge_rows = torch.exp(log_lambda / 2).double() * torch.eye(6, dtype=torch.float64)
@@ -16,6 +16,9 @@ def test_least_squares_shift_matches_lstsq_of_the_ridge_system():
         torch.cat([keys, ridge_rows]), torch.cat([diffs, torch.zeros(6, 3).double()])
     ).solution
     assert shift.dtype == torch.float32
+    assert (
+        least_squares_shift((keys.T @ keys).bfloat16(), (keys.T @ diffs).bfloat16(), log_lambda).dtype == torch.float32
+    )
     torch.testing.assert_close(shift.double(), expected, rtol=1e-4, atol=1e-5)
 
 

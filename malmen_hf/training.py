@@ -1,0 +1,234 @@
+"""Meta-training of MALMEN editors: the decoupled meta-gradient of ALGORITHM.md step 4."""
+
+import contextlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .caching import per_fact_mean, rows_of_scored_tokens, scored_logits
+from .editing import _apply_shifts, _checked_modules, _NormalEquationSums, cached_batches
+from .facts import IGNORE_INDEX, EditRequest, batches_by_length, collate, pad_id_of, tokenize_examples
+from .functional import at_least_float32, value_differences
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class MetaLosses:
+    """The losses of one meta-training step, measured with the edit applied."""
+
+    generalization: float
+    locality: float
+    total: float
+    num_facts: int
+
+
+def meta_gradient(
+    editor: nn.Module,
+    model: "PreTrainedModel",
+    requests: Sequence[EditRequest],
+    tokenizer: "PreTrainedTokenizerBase",
+    *,
+    batch_size: int = 32,
+    editor_batch_size: int = 1024,
+    c_loc: float = 1.0,
+    update_normalizer: bool = True,
+) -> MetaLosses:
+    """
+    Adds `dL_meta / d(editor)` to the `.grad` of the editor's parameters, for one step on `requests`, without ever
+    holding the base model's graph for more than one batch (MALMEN's decoupled back-propagation).
+
+    `L_meta = L_gen + c_loc * L_loc`: `L_gen` is the cross-entropy of each target on its rephrasings (on the edit
+    prompt when a request has none), `L_loc` the KL divergence of the unedited from the edited model's next-token
+    distribution on each locality prompt's answer tokens; both averaged per fact, then over facts.
+
+    Steps: cache keys and value gradients; compute the shift `S` without editor graph; apply it, accumulate
+    `G = dL_meta/dS` over base-model batches, remove it; back-propagate through the normal equation in closed form;
+    re-run the hyper-network chunk by chunk with gradients.
+
+    Args:
+        update_normalizer (`bool`, defaults to `True`):
+            Merge this step's keys and value gradients into the hyper-networks' running statistics first.
+    """
+    modules = _checked_modules(editor, model)
+    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    pad_id = pad_id_of(tokenizer)
+    keys, value_grads = _cache_all(editor, model, modules, requests, tokenizer, batch_size, pad_id)
+    if update_normalizer:
+        for name in modules:
+            net, _ = editor.net_for(name)
+            net.normalizer.update(torch.cat((keys[name], value_grads[name]), dim=-1))
+
+    sums = _NormalEquationSums(editor, modules)
+    with torch.no_grad():
+        sums.add({name: (keys[name], value_grads[name]) for name in modules}, editor_batch_size)
+    shifts = sums.solve()
+
+    gen_examples, gen_rows = _generalization_examples(requests, tokenizer, is_encoder_decoder)
+    loc_requests = [request for request in requests if request.locality_prompt is not None]
+    loc_examples = tokenize_examples(
+        tokenizer,
+        [request.locality_prompt for request in loc_requests],
+        [request.locality_answer for request in loc_requests],
+        is_encoder_decoder,
+    )
+    loc_batches = batches_by_length(loc_examples, batch_size) if loc_examples else []
+    before = _locality_log_probs(model, loc_examples, loc_batches, pad_id, is_encoder_decoder)
+
+    weight_grads, losses = _grads_of_shifted_model(
+        model, modules, shifts, gen_examples, gen_rows, len(requests), loc_examples, loc_batches, before,
+        batch_size, pad_id, is_encoder_decoder, c_loc,
+    )  # fmt: skip
+    for name in modules:
+        _backward_through_solve(
+            editor, name, keys[name], value_grads[name], sums, shifts[name], weight_grads[name], editor_batch_size
+        )
+    return losses
+
+
+def _cache_all(editor, model, modules, requests, tokenizer, batch_size, pad_id):
+    """Every token's key and value gradient per module, on the editor's device and dtype (training needs them)."""
+    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    examples = tokenize_examples(
+        tokenizer, [r.prompt for r in requests], [r.target for r in requests], is_encoder_decoder
+    )
+    keys = {name: [] for name in modules}
+    value_grads = {name: [] for name in modules}
+    batches = batches_by_length(examples, batch_size)
+    with contextlib.closing(cached_batches(editor, model, modules, examples, batches, pad_id)) as stream:
+        for cached in stream:
+            for name, (batch_keys, batch_grads) in cached.items():
+                keys[name].append(batch_keys.to(editor.device, editor.dtype))
+                value_grads[name].append(batch_grads.to(editor.device, editor.dtype))
+    return (
+        {name: torch.cat(chunks) for name, chunks in keys.items()},
+        {name: torch.cat(chunks) for name, chunks in value_grads.items()},
+    )
+
+
+def _generalization_examples(requests, tokenizer, is_encoder_decoder):
+    """(rephrasing, target) examples, and the request each belongs to (its edit prompt when it has no rephrasing)."""
+    prompts, targets, rows = [], [], []
+    for row, request in enumerate(requests):
+        for prompt in request.rephrases or (request.prompt,):
+            prompts.append(prompt)
+            targets.append(request.target)
+            rows.append(row)
+    return tokenize_examples(tokenizer, prompts, targets, is_encoder_decoder), rows
+
+
+@torch.no_grad()
+def _locality_log_probs(model, examples, batches, pad_id, is_encoder_decoder) -> list[torch.Tensor]:
+    """The unedited model's log-probabilities at each locality answer position, batch by batch."""
+    was_training = model.training
+    model.eval()
+    try:
+        log_probs = []
+        for indices in batches:
+            batch = collate([examples[i] for i in indices], pad_id, is_encoder_decoder)
+            log_probs.append(torch.log_softmax(at_least_float32(scored_logits(model, batch, is_encoder_decoder)), -1))
+        return log_probs
+    finally:
+        model.train(was_training)
+
+
+def _grads_of_shifted_model(
+    model, modules, shifts, gen_examples, gen_rows, num_facts, loc_examples, loc_batches, before,
+    batch_size, pad_id, is_encoder_decoder, c_loc,
+):  # fmt: skip
+    """With the shifts applied, `dL_meta/dS` per module as a `(d_in, d_out)` matrix, and the losses."""
+    originals = _apply_shifts(modules, shifts)
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    was_training = model.training
+    try:
+        model.eval()
+        for param, _ in flags:
+            param.requires_grad_(False)
+        for module in modules.values():
+            module.weight.requires_grad_(True)
+            module.weight.grad = None
+        rephrasings_per_fact = Counter(gen_rows)
+        gen_loss = 0.0
+        for indices in batches_by_length(gen_examples, batch_size):
+            batch = collate([gen_examples[i] for i in indices], pad_id, is_encoder_decoder)
+            weights = torch.tensor([1.0 / rephrasings_per_fact[gen_rows[i]] for i in indices])
+            loss = _generalization_loss(model, batch, weights, is_encoder_decoder)
+            (loss / num_facts).backward()
+            gen_loss += float(loss) / num_facts
+        loc_loss = 0.0
+        for indices, log_p_before in zip(loc_batches, before, strict=True):
+            batch = collate([loc_examples[i] for i in indices], pad_id, is_encoder_decoder)
+            loss = _locality_loss(model, batch, log_p_before, is_encoder_decoder)
+            (c_loc * loss / len(loc_examples)).backward()
+            loc_loss += float(loss) / len(loc_examples)
+        grads = {}
+        for name, module in modules.items():
+            grad = module.weight.grad
+            grads[name] = grad if isinstance(module, Conv1D) else grad.T
+    finally:
+        with torch.no_grad():
+            for name, original in originals.items():
+                modules[name].weight.copy_(original)
+        for module in modules.values():
+            module.weight.grad = None
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        model.train(was_training)
+    losses = MetaLosses(
+        generalization=gen_loss, locality=loc_loss, total=gen_loss + c_loc * loc_loss, num_facts=num_facts
+    )
+    return grads, losses
+
+
+def _generalization_loss(model, batch, example_weights, is_encoder_decoder) -> torch.Tensor:
+    """Cross-entropy averaged over each example's target tokens, weighted so that each fact's rephrasings weigh 1."""
+    logits = scored_logits(model, batch, is_encoder_decoder)
+    mask = batch["labels"] != IGNORE_INDEX
+    token_losses = nn.functional.cross_entropy(
+        at_least_float32(logits), batch["labels"][mask].to(logits.device), reduction="none"
+    )
+    return per_fact_mean(token_losses, rows_of_scored_tokens(batch["labels"]).to(logits.device), example_weights)
+
+
+def _locality_loss(model, batch, log_p_before, is_encoder_decoder) -> torch.Tensor:
+    """KL(p_before || p_after) at each answer token, averaged per example, summed over the batch."""
+    log_p_after = torch.log_softmax(at_least_float32(scored_logits(model, batch, is_encoder_decoder)), dim=-1)
+    log_p_before = log_p_before.to(log_p_after.device)
+    token_kl = (log_p_before.exp() * (log_p_before - log_p_after)).sum(-1)
+    return per_fact_mean(token_kl, rows_of_scored_tokens(batch["labels"]).to(token_kl.device))
+
+
+def _backward_through_solve(editor, name, keys, value_grads, sums, shift, shift_grad, editor_batch_size) -> None:
+    """Closed-form backward through `S = (K^T K + e^lambda I)^-1 K^T D` (or MEND's sum), then the hyper-network."""
+    net, layer_index = editor.net_for(name)
+    shift_grad = shift_grad.to(shift.device, shift.dtype)
+    if sums.least_squares:
+        log_lambda = net.lamda[layer_index]
+        eye = torch.eye(keys.shape[1], device=keys.device, dtype=keys.dtype)
+        system = sums.gram[name] + torch.exp(log_lambda.detach()) * eye
+        solved = torch.linalg.solve(system, shift_grad)  # M^-1 G, with M symmetric
+        lambda_grad = -torch.exp(log_lambda.detach()) * (solved * shift).sum()
+        net.lamda.grad = _with_added(net.lamda.grad, net.lamda, layer_index, lambda_grad)
+    for start in range(0, keys.shape[0], editor_batch_size):
+        chunk_keys = keys[start : start + editor_batch_size]
+        chunk_grads = value_grads[start : start + editor_batch_size]
+        pseudo_keys, pseudo_grads = net(chunk_keys, chunk_grads, layer_index)
+        if sums.least_squares:
+            diffs = value_differences(chunk_keys, pseudo_keys, pseudo_grads, net.lr[layer_index])
+            # dL/dD = K M^-1 G: each token's value difference sees the gradient of its own row.
+            surrogate = (diffs * (chunk_keys @ solved)).sum()
+        else:
+            surrogate = -net.lr[layer_index] * (pseudo_keys.T @ pseudo_grads * shift_grad).sum()
+        surrogate.backward()
+
+
+def _with_added(grad, parameter, index, value):
+    grad = torch.zeros_like(parameter) if grad is None else grad
+    grad[index] += value
+    return grad
