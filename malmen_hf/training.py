@@ -160,13 +160,13 @@ def _grads_of_shifted_model(
             weights = torch.tensor([1.0 / rephrasings_per_fact[gen_rows[i]] for i in indices])
             loss = _generalization_loss(model, batch, weights, is_encoder_decoder)
             (loss / num_facts).backward()
-            gen_loss += float(loss) / num_facts
+            gen_loss += float(loss.detach()) / num_facts
         loc_loss = 0.0
         for indices, log_p_before in zip(loc_batches, before, strict=True):
             batch = collate([loc_examples[i] for i in indices], pad_id, is_encoder_decoder)
             loss = _locality_loss(model, batch, log_p_before, is_encoder_decoder)
             (c_loc * loss / len(loc_examples)).backward()
-            loc_loss += float(loss) / len(loc_examples)
+            loc_loss += float(loss.detach()) / len(loc_examples)
         grads = {}
         for name, module in modules.items():
             grad = module.weight.grad

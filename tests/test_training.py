@@ -88,7 +88,7 @@ def reference_meta_gradient(editor, model, tokenizer, requests):
     grads = {name: grad_or_zero(param) for name, param in editor.named_parameters()}
     editor.zero_grad()
     model.zero_grad(set_to_none=True)
-    return grads, float(total)
+    return grads, float(total.detach())
 
 
 @pytest.mark.parametrize("aggregation", ["least_squares", "sum"])
