@@ -23,8 +23,9 @@ Run from the repository root (the model is converted once from PyPI, see `malmen
     python benchmarks/edit_speed.py --n 1 10 100 --threads 2
     python benchmarks/edit_speed.py --model path/to/local/causal-lm --output /tmp/edit_speed.json
 
-On small virtual machines, check `--threads`: on a 2-vCPU VM, torch's default of 2 OpenMP threads made every
-SmolLM2 forward 5 to 20 times slower than `--threads 1` (the threads spin-wait on each other).
+Run it on an otherwise idle machine: torch's OpenMP threads spin-wait for each other, so when another process holds
+a core, every forward becomes several times slower (on 2 cores with another job running, 2 threads were 5 to 20 times
+slower than `--threads 1`; on the idle machine, 2 threads were 1.8 times faster).
 
 It prints a markdown table and writes JSON (default `benchmarks/results/edit_speed.json`, rewritten after every N so
 that an interrupted run keeps what it measured).

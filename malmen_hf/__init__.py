@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel
 
 from .configuration_malmen import MalmenConfig
+from .data import FORMATS, load_edit_requests
 from .editing import EditHandle, MalmenEditableMixin, apply_edits, revert_edits
 from .facts import EditRequest
 from .functional import least_squares_shift, summed_shift, value_differences
@@ -20,6 +21,7 @@ MalmenEditorModel.register_for_auto_class("AutoModel")
 __all__ = [
     "EditHandle",
     "EditRequest",
+    "FORMATS",
     "MalmenConfig",
     "MalmenEditableMixin",
     "MalmenEditorModel",
@@ -27,6 +29,7 @@ __all__ = [
     "apply_edits",
     "default_edit_modules",
     "least_squares_shift",
+    "load_edit_requests",
     "revert_edits",
     "summed_shift",
     "value_differences",

@@ -1,13 +1,13 @@
 """The `malmen-hf` command line."""
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .data import load_edit_requests
 from .facts import EditRequest
 from .metrics import greedy_answers, token_accuracy
 from .modeling_malmen import MalmenEditorModel
@@ -24,21 +24,6 @@ TRAINING_FREE_LR = 3e-3
 TRAINING_FREE_LAMBDA = 0.0
 
 
-def counterfact_requests(path: Path, limit: int) -> list[EditRequest]:
-    """The first `limit` records of a CounterFact file in the simplified (MEND-style) form, as edit requests."""
-    records = json.loads(path.read_text())[:limit]
-    return [
-        EditRequest(
-            prompt=record["prompt"],
-            target=record["target_new"],
-            rephrases=(record["rephrase_prompt"],),
-            locality_prompt=record["locality_prompt"],
-            locality_answer=record["locality_ground_truth"],
-        )
-        for record in records
-    ]
-
-
 def demo(args: argparse.Namespace) -> None:
     """Edits a real model with a few hundred facts at once, shows the answers change, then reverts them."""
     torch.manual_seed(0)
@@ -48,10 +33,12 @@ def demo(args: argparse.Namespace) -> None:
         editor = MalmenEditorModel.from_pretrained(args.editor)
         print(f"Editor: {args.editor}")
     else:
-        editor = MalmenEditorModel.for_model(model, lr_init=args.lr, lambda_init=args.log_lambda, n_blocks=0)
+        editor = MalmenEditorModel.for_model(
+            model, lr_init=args.lr, lambda_init=args.log_lambda, n_blocks=0, base_model_name_or_path=args.model
+        )
         print(f"Editor: training-free (untrained hyper-network, lr={args.lr:g}, lambda={args.log_lambda:g})")
     data = Path(args.data)
-    requests = counterfact_requests(data, args.num_facts) if data.is_file() else []
+    requests = load_edit_requests(data, "counterfact", limit=args.num_facts) if data.is_file() else []
     if not requests:
         print(f"({data} not found: editing the hand-written facts only)")
     requests += HAND_WRITTEN_FACTS

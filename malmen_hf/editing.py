@@ -199,7 +199,8 @@ class _NormalEquationSums:
     def __init__(self, editor: nn.Module, modules: dict[str, nn.Module]):
         self.editor = editor
         self.least_squares = editor.config.aggregation == "least_squares"
-        self.device, self.dtype = editor.device, editor.dtype
+        # The running sums stay in (at least) float32 even for a half-precision editor: they add up many batches.
+        self.device, self.dtype = editor.device, torch.promote_types(editor.dtype, torch.float32)
         self.gram, self.cross = {}, {}
         for name, module in modules.items():
             d_in, d_out = weight_shape(module)
@@ -211,15 +212,16 @@ class _NormalEquationSums:
         for name, (keys, value_grads) in cached.items():
             net, layer_index = self.editor.net_for(name)
             for start in range(0, keys.shape[0], editor_batch_size):
-                chunk_keys = keys[start : start + editor_batch_size].to(self.device, self.dtype)
-                chunk_grads = value_grads[start : start + editor_batch_size].to(self.device, self.dtype)
+                chunk_keys = keys[start : start + editor_batch_size].to(self.device, self.editor.dtype)
+                chunk_grads = value_grads[start : start + editor_batch_size].to(self.device, self.editor.dtype)
                 pseudo_keys, pseudo_grads = net(chunk_keys, chunk_grads, layer_index)
                 if self.least_squares:
                     diffs = value_differences(chunk_keys, pseudo_keys, pseudo_grads, net.lr[layer_index])
+                    chunk_keys = chunk_keys.to(self.dtype)
                     self.gram[name].addmm_(chunk_keys.T, chunk_keys)
-                    self.cross[name].addmm_(chunk_keys.T, diffs)
+                    self.cross[name].addmm_(chunk_keys.T, diffs.to(self.dtype))
                 else:
-                    self.cross[name].addmm_(pseudo_keys.T, pseudo_grads)
+                    self.cross[name].addmm_(pseudo_keys.T.to(self.dtype), pseudo_grads.to(self.dtype))
 
     def solve(self) -> dict[str, torch.Tensor]:
         shifts = {}

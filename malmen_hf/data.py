@@ -1,0 +1,234 @@
+"""Loaders that turn knowledge-editing data (CounterFact, zsRE, FEVER, plain fact files) into `EditRequest`s."""
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, time
+from itertools import islice
+from typing import Any
+
+import datasets
+from datasets.exceptions import DatasetGenerationError
+
+from .facts import EditRequest
+
+FEVER_LABELS = ("SUPPORTS", "REFUTES")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where one format keeps each `EditRequest` field."""
+
+    prompt: str
+    target: str
+    rephrases: str
+    locality_prompt: str
+    locality_answer: str
+    # The generic format: only prompt and target are required, and unknown keys are an error (they are typos there).
+    closed: bool = False
+    # FEVER: the target and the locality answer are classifier labels.
+    labels: tuple[str, ...] = ()
+
+    def keys(self) -> dict[str, str]:
+        """`EditRequest` field name -> this format's key."""
+        return {
+            "prompt": self.prompt,
+            "target": self.target,
+            "rephrases": self.rephrases,
+            "locality_prompt": self.locality_prompt,
+            "locality_answer": self.locality_answer,
+        }
+
+    def required(self) -> tuple[str, ...]:
+        return (self.prompt, self.target) if self.closed else tuple(self.keys().values())
+
+
+_LAYOUTS = {
+    "counterfact": _Layout("prompt", "target_new", "rephrase_prompt", "locality_prompt", "locality_ground_truth"),
+    "zsre": _Layout("src", "alt", "rephrase", "loc", "loc_ans"),
+    "zsre_paper": _Layout("src", "ans", "rephrase", "loc", "loc_ans"),
+    "fever": _Layout("prompt", "alt", "equiv_prompt", "unrel_prompt", "unrel_ans", labels=FEVER_LABELS),
+    "generic": _Layout("prompt", "target", "rephrases", "locality_prompt", "locality_answer", closed=True),
+}
+
+FORMATS: dict[str, tuple[str, ...]] = {name: layout.required() for name, layout in _LAYOUTS.items()}
+"""Each format [`load_edit_requests`] reads, and the keys every record of that format must have."""
+
+
+def load_edit_requests(
+    path: str | os.PathLike, format: str = "auto", *, limit: int | None = None
+) -> list[EditRequest]:
+    """
+    Reads a JSON array or JSON Lines file of edit records (through `datasets.load_dataset("json")`) into
+    [`EditRequest`]s, with their rephrasings and locality prompts.
+
+    The formats, with the keys each reads (other keys, such as CounterFact's `ground_truth` or zsRE's `answers`, are
+    ignored, except in `"generic"`):
+
+    - `"counterfact"` (CounterFact, simplified MEND-style form): `prompt` -> `target_new`; rephrases:
+      `rephrase_prompt`; locality: `locality_prompt` -> `locality_ground_truth`.
+    - `"zsre"` (zsRE, MEND's split files): `src` -> `alt`; rephrases: `rephrase`; locality: `loc` -> `loc_ans`, kept
+      as given (e.g. `"nq question: who sings ..."`).
+    - `"zsre_paper"` (zsRE, the MALMEN paper's files): `src` -> `ans`; rephrases: `rephrase`; locality: `loc` ->
+      `loc_ans`.
+    - `"fever"` (FEVER fact checking, for a binary classifier head): `prompt` -> `alt`; rephrases: `equiv_prompt`;
+      locality: `unrel_prompt` -> `unrel_ans`. `alt` and `unrel_ans` must be `"SUPPORTS"` or `"REFUTES"`.
+    - `"generic"`: `EditRequest`'s own field names: `prompt`, `target`, and optionally `rephrases` (a string or a
+      list of strings), `locality_prompt` and `locality_answer` (given together). Any other key is an error.
+
+    In every format but `"generic"` all five keys are required ([`FORMATS`] lists the required keys). A rephrase key
+    may hold one string or a list of strings. A key whose value is `null` counts as missing.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            A `.json` file holding an array of records, or a JSON Lines file with one record per line.
+        format (`str`, *optional*, defaults to `"auto"`):
+            One of `"counterfact"`, `"zsre"`, `"zsre_paper"`, `"fever"`, `"generic"`, or `"auto"`: the format whose
+            required keys are all present (and not `null`) in the first record. No match, or more than one, is an
+            error that asks for an explicit `format`.
+        limit (`int`, *optional*):
+            Read only the first `limit` records.
+
+    Returns:
+        `list[EditRequest]`: One request per record, in file order. Nothing is skipped.
+
+    Raises:
+        `FileNotFoundError`: If `path` is not a file.
+        `ValueError`: If the file is not JSON, holds no records, its format is unknown or cannot be detected, or a
+            record is malformed. The message names the file, the record's index (from 0) and the key, e.g.
+            `"data/cf.json, record 3: missing key 'target_new'"`.
+
+    Example:
+
+    ```python
+    >>> from malmen_hf.data import load_edit_requests
+    >>> requests = load_edit_requests("../shared/data/counterfact/train.json", limit=2)
+    >>> requests[0].prompt, requests[0].target
+    ('Toko Yasuda, the', 'piano')
+    ```
+    """
+    _check_arguments(format, limit)
+    path = os.fspath(path)
+    records = _read_records(path)
+    layout = _LAYOUTS[_detect_format(path, records[0]) if format == "auto" else format]
+    return [_to_edit_request(path, index, record, layout) for index, record in enumerate(islice(records, limit))]
+
+
+def _check_arguments(format: str, limit: int | None) -> None:
+    if format != "auto" and format not in _LAYOUTS:
+        raise ValueError(f"Unknown format {format!r}: use 'auto' or one of {_describe_formats()}")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"`limit` must be a positive integer or None, got {limit!r}")
+
+
+def _describe_formats() -> str:
+    return "; ".join(f"{name!r} (required keys: {', '.join(keys)})" for name, keys in FORMATS.items())
+
+
+def _read_records(path: str) -> datasets.Dataset:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No such data file: '{path}'")
+    # `datasets` writes Arrow files into its cache even with keep_in_memory=True: use a throwaway cache, so loading
+    # leaves nothing behind, in the project or in ~/.cache.
+    with tempfile.TemporaryDirectory(prefix="malmen_hf_data_") as cache_dir, _no_download_count():
+        try:
+            records = datasets.load_dataset(
+                "json", data_files=path, split="train", cache_dir=cache_dir, keep_in_memory=True
+            )
+        except (StopIteration, ValueError, DatasetGenerationError) as error:
+            raise _read_error(path, error) from error
+    if len(records) == 0:
+        raise ValueError(f"{path}: the file holds no records")
+    return records
+
+
+@contextmanager
+def _no_download_count() -> Iterator[None]:
+    # `load_dataset("json")` sends a HEAD request to the Hub to count a download, even for a local file; without a
+    # network that costs up to seconds per call (a 3 s timeout plus DNS). Reading a local file is no download.
+    if not hasattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS"):
+        yield
+        return
+    previous = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    try:
+        yield
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = previous
+
+
+def _read_error(path: str, error: Exception) -> ValueError:
+    # An empty file stops the json builder with a bare StopIteration, an empty array with "corresponds to no data".
+    if isinstance(error, StopIteration) or "corresponds to no data" in str(error):
+        return ValueError(f"{path}: the file holds no records")
+    # DatasetGenerationError only says "An error occurred while generating the dataset": show what caused it.
+    detail = error.__cause__ or error
+    return ValueError(f"{path}: cannot be read as a JSON array of records or as JSON Lines ({detail})")
+
+
+def _detect_format(path: str, record: Mapping[str, Any]) -> str:
+    # `datasets` gives every record the union of all records' keys, filling the absent ones with None.
+    keys = sorted(key for key, value in record.items() if value is not None)
+    matches = [name for name, required in FORMATS.items() if set(required) <= set(keys)]
+    if len(matches) == 1:
+        return matches[0]
+    problem = f"match several formats {matches}" if matches else "match no known format"
+    raise ValueError(
+        f"{path}: the keys of record 0 {keys} {problem}; pass `format=` explicitly. "
+        f"Known formats: {_describe_formats()}"
+    )
+
+
+def _to_edit_request(path: str, index: int, record: Mapping[str, Any], layout: _Layout) -> EditRequest:
+    try:
+        return EditRequest(**_fields(record, layout))
+    except ValueError as error:
+        raise ValueError(f"{path}, record {index}: {error}") from None
+
+
+def _fields(record: Mapping[str, Any], layout: _Layout) -> dict[str, Any]:
+    """The `EditRequest` keyword arguments of one record, checked key by key so errors name the file's keys."""
+    if layout.closed:
+        _reject_unknown_keys(record, layout)
+    fields = {}
+    for field, key in layout.keys().items():
+        value = record.get(key)
+        if value is None:
+            if key in layout.required():
+                raise ValueError(f"missing key {key!r}")
+            continue
+        fields[field] = _rephrases(key, value) if field == "rephrases" else _text(key, value)
+    for field in ("target", "locality_answer"):
+        if layout.labels and fields[field] not in layout.labels:
+            key = layout.keys()[field]
+            raise ValueError(f"{key!r} must be {' or '.join(layout.labels)}, got {fields[field]!r}")
+    return fields
+
+
+def _reject_unknown_keys(record: Mapping[str, Any], layout: _Layout) -> None:
+    unknown = sorted(key for key, value in record.items() if value is not None and key not in layout.keys().values())
+    if unknown:
+        raise ValueError(f"unknown keys {unknown}; the keys of a generic record are {list(layout.keys().values())}")
+
+
+def _text(key: str, value: Any) -> str:
+    if isinstance(value, date | time):
+        # pyarrow's JSON reader turns a column whose every value is an ISO date/time string into timestamps.
+        raise ValueError(
+            f"{key!r} was read as a date/time ({value!r}): `datasets` parses a column whose values all look like "
+            "ISO dates as timestamps, and the original text is lost"
+        )
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a string, got {value!r}")
+    if not value.strip():
+        raise ValueError(f"{key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _rephrases(key: str, value: Any) -> tuple[str, ...]:
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not all(isinstance(text, str) and text.strip() for text in texts):
+        raise ValueError(f"{key!r} must be a non-empty string or a list of them, got {value!r}")
+    return tuple(texts)
