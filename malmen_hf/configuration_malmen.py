@@ -69,6 +69,8 @@ class MalmenConfig(PreTrainedConfig):
             every non-padding encoder position.
         normalizer_eps (`float`, defaults to 1e-5):
             Lower bound on the running standard deviation when normalizing the hyper-network's inputs.
+        training (`dict`, *optional*):
+            How the editor was trained (set by [`train_editor`]: data, steps, settings, last validation scores).
 
     Example:
 
@@ -92,6 +94,7 @@ class MalmenConfig(PreTrainedConfig):
     aggregation: Literal["least_squares", "sum"] = "least_squares"
     token_positions: Literal["target", "all"] = "target"
     normalizer_eps: float | int = validated_field(_positive, default=1e-5)
+    training: dict | None = None
 
     def validate_edit_modules(self):
         """Part of `@strict`-powered validation: every edited module has exactly one shape."""

@@ -1,4 +1,4 @@
-"""How well edits took: teacher-forced token accuracy and greedy answers."""
+"""How well edits took: ES / GS / LS as the paper reports them, and greedy answers (what a user sees)."""
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -6,13 +6,46 @@ from typing import TYPE_CHECKING
 import torch
 
 from .caching import scored_logits
-from .facts import IGNORE_INDEX, batches_by_length, collate, pad_id_of, tokenize_examples
+from .facts import IGNORE_INDEX, EditRequest, batches_by_length, collate, pad_id_of, tokenize_examples
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from .modeling_malmen import MalmenEditorModel
+
 
 @torch.no_grad()
+def teacher_forced_predictions(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 32,
+) -> list[tuple[list[int], list[int]]]:
+    """
+    For each `(prompt, target)`, the model's argmax at each target position given the prompt and the preceding target
+    tokens, and the target tokens themselves: `(predicted_ids, target_ids)`.
+    """
+    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    examples = tokenize_examples(tokenizer, prompts, targets, is_encoder_decoder)
+    results: list[tuple[list[int], list[int]]] = [([], [])] * len(examples)
+    was_training = model.training
+    model.eval()
+    try:
+        for indices in batches_by_length(examples, batch_size):
+            batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), is_encoder_decoder)
+            predicted = scored_logits(model, batch, is_encoder_decoder).argmax(-1).cpu()
+            mask = batch["labels"] != IGNORE_INDEX
+            lengths = mask.sum(1).tolist()
+            for index, row_predictions, row_targets in zip(
+                indices, predicted.split(lengths), batch["labels"][mask].split(lengths), strict=True
+            ):
+                results[index] = (row_predictions.tolist(), row_targets.tolist())
+    finally:
+        model.train(was_training)
+    return results
+
+
 def token_accuracy(
     model: "PreTrainedModel",
     tokenizer: "PreTrainedTokenizerBase",
@@ -28,24 +61,64 @@ def token_accuracy(
     Returns:
         `list[float]`: one accuracy in `[0, 1]` per `(prompt, target)` pair.
     """
-    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    examples = tokenize_examples(tokenizer, prompts, targets, is_encoder_decoder)
-    accuracies = [0.0] * len(examples)
-    was_training = model.training
-    model.eval()
+    return [
+        _share_equal(predicted, target)
+        for predicted, target in teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size)
+    ]
+
+
+def agreement(before: Sequence[Sequence[int]], after: Sequence[Sequence[int]]) -> list[float]:
+    """Per example, the share of positions whose argmax token is the same before and after an edit (the paper's LS)."""
+    return [_share_equal(a, b) for a, b in zip(before, after, strict=True)]
+
+
+def _share_equal(first: Sequence[int], second: Sequence[int]) -> float:
+    return sum(a == b for a, b in zip(first, second, strict=True)) / max(len(first), 1)
+
+
+def edit_scores(
+    editor: "MalmenEditorModel",
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    requests: Sequence[EditRequest],
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """
+    Applies all `requests` at once with `editor`, measures, and reverts:
+
+    - `ES`: mean teacher-forced accuracy of the targets on the edit prompts;
+    - `GS`: the same on each request's rephrasings (requests without any are left out);
+    - `LS`: mean share of locality answer positions whose argmax is unchanged by the edit.
+
+    Returns:
+        `dict[str, float]` with `ES`, `GS`, `LS` (`nan` where no request has what the score needs).
+    """
+    rephrased = [(text, r.target) for r in requests for text in r.rephrases]
+    local = [(r.locality_prompt, r.locality_answer) for r in requests if r.locality_prompt is not None]
+
+    def predictions(pairs):
+        if not pairs:
+            return []
+        return [p for p, _ in teacher_forced_predictions(model, tokenizer, *zip(*pairs, strict=True), batch_size)]
+
+    before = predictions(local)
+    handle = editor.apply_edits(model, requests, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        for indices in batches_by_length(examples, batch_size):
-            batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), is_encoder_decoder)
-            logits = scored_logits(model, batch, is_encoder_decoder)
-            mask = batch["labels"] != IGNORE_INDEX
-            hits = (logits.argmax(-1).cpu() == batch["labels"][mask]).float()
-            rows = torch.arange(len(indices)).unsqueeze(1).expand_as(mask)[mask]
-            per_row = torch.zeros(len(indices)).index_add_(0, rows, hits) / mask.sum(1)
-            for row, index in enumerate(indices):
-                accuracies[index] = float(per_row[row])
+        prompts, targets = [r.prompt for r in requests], [r.target for r in requests]
+        scores = {
+            "ES": _mean(token_accuracy(model, tokenizer, prompts, targets, batch_size)),
+            "GS": _mean(token_accuracy(model, tokenizer, *zip(*rephrased, strict=True), batch_size))
+            if rephrased
+            else float("nan"),
+            "LS": _mean(agreement(before, predictions(local))),
+        }
     finally:
-        model.train(was_training)
-    return accuracies
+        handle.revert()
+    return scores
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 @torch.no_grad()

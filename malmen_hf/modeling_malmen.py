@@ -1,7 +1,7 @@
 """The MALMEN editor: hyper-networks that turn a base model's keys and value gradients into pseudo pairs."""
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,24 +30,30 @@ class MalmenNormalizer(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Merges the statistics of the rows of `x` into the running ones (Chan et al.'s parallel algorithm)."""
-        x = x.detach().to(self.mean.dtype).reshape(-1, x.shape[-1])
-        batch_count = x.shape[0]
+    def update(self, x: torch.Tensor, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """
+        Merges the statistics of the rows of `x` into the running ones (Chan et al.'s parallel algorithm).
+        `all_reduce` (a sum across processes) merges the rows of every process, so all keep the same statistics.
+        """
+        x = x.detach().to(torch.float64).reshape(-1, x.shape[-1])
+        sums = torch.stack((x.sum(0), x.square().sum(0), torch.full_like(x[0], x.shape[0])))
+        if all_reduce is not None:
+            sums = all_reduce(sums)
+        batch_count = sums[2, 0]
         if batch_count == 0:
             return
-        batch_mean = x.mean(0)
-        batch_var = x.var(0, unbiased=False)
+        batch_mean = sums[0] / batch_count
+        batch_var = (sums[1] / batch_count - batch_mean.square()).clamp_min(0)
         if self.count == 0:
             # The initial (0, 1) statistics only make an untrained editor the identity: do not average them in.
             self.mean.copy_(batch_mean)
             self.var.copy_(batch_var)
-            self.count.fill_(batch_count)
+            self.count.copy_(batch_count)
             return
         total = self.count + batch_count
+        weight = batch_count / total
         delta = batch_mean - self.mean
-        weight = (batch_count / total).to(self.mean.dtype)
-        self.mean.add_(delta * weight)
+        self.mean.copy_(self.mean + delta * weight)
         self.var.copy_(self.var * (1 - weight) + batch_var * weight + delta.square() * weight * (1 - weight))
         self.count.copy_(total)
 

@@ -2,7 +2,7 @@
 
 import contextlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +39,7 @@ def meta_gradient(
     editor_batch_size: int = 1024,
     c_loc: float = 1.0,
     update_normalizer: bool = True,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MetaLosses:
     """
     Adds `dL_meta / d(editor)` to the `.grad` of the editor's parameters, for one step on `requests`, without ever
@@ -55,19 +56,28 @@ def meta_gradient(
     Args:
         update_normalizer (`bool`, defaults to `True`):
             Merge this step's keys and value gradients into the hyper-networks' running statistics first.
+        all_reduce (`Callable`, *optional*):
+            A sum across processes (e.g. `lambda t: accelerator.reduce(t, "sum")`) when the step's facts are split
+            between processes: each passes its own `requests`. The normal equation, the statistics and `dL/dS` are
+            summed, so every process solves the same system, and the editor's gradients are summed too: the result is
+            the gradient of one process holding all the facts.
     """
+    reduce = all_reduce or (lambda tensor: tensor)
     modules = _checked_modules(editor, model)
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     pad_id = pad_id_of(tokenizer)
+    num_facts = int(reduce(torch.tensor(float(len(requests)), dtype=torch.float64)))
     keys, value_grads = _cache_all(editor, model, modules, requests, tokenizer, batch_size, pad_id)
     if update_normalizer:
         for name in modules:
             net, _ = editor.net_for(name)
-            net.normalizer.update(torch.cat((keys[name], value_grads[name]), dim=-1))
+            net.normalizer.update(torch.cat((keys[name], value_grads[name]), dim=-1), all_reduce=all_reduce)
 
     sums = _NormalEquationSums(editor, modules)
     with torch.no_grad():
         sums.add({name: (keys[name], value_grads[name]) for name in modules}, editor_batch_size)
+        for totals in (sums.gram, sums.cross):
+            totals.update({name: reduce(total) for name, total in totals.items()})
     shifts = sums.solve()
 
     gen_examples, gen_rows = _generalization_examples(requests, tokenizer, is_encoder_decoder)
@@ -81,15 +91,35 @@ def meta_gradient(
     loc_batches = batches_by_length(loc_examples, batch_size) if loc_examples else []
     before = _locality_log_probs(model, loc_examples, loc_batches, pad_id, is_encoder_decoder)
 
+    num_locality = int(reduce(torch.tensor(float(len(loc_examples)), dtype=torch.float64)))
     weight_grads, losses = _grads_of_shifted_model(
-        model, modules, shifts, gen_examples, gen_rows, len(requests), loc_examples, loc_batches, before,
+        model, modules, shifts, gen_examples, gen_rows, num_facts, loc_examples, num_locality, loc_batches, before,
         batch_size, pad_id, is_encoder_decoder, c_loc,
     )  # fmt: skip
-    for name in modules:
+    weight_grads = {name: reduce(grad) for name, grad in weight_grads.items()}
+    generalization, locality = reduce(torch.tensor([losses.generalization, losses.locality], dtype=torch.float64))
+
+    # Each process back-propagates its own tokens; the sum over processes is the gradient of all facts.
+    earlier = {param: param.grad for param in editor.parameters()}
+    editor.zero_grad(set_to_none=True)
+    lambda_grads = [
         _backward_through_solve(
             editor, name, keys[name], value_grads[name], sums, shifts[name], weight_grads[name], editor_batch_size
         )
-    return losses
+        for name in modules
+    ]
+    for param, grad in earlier.items():
+        local = torch.zeros_like(param) if param.grad is None else param.grad
+        param.grad = reduce(local) if grad is None else grad + reduce(local)
+    # The lambda gradient comes from the summed normal equation: it is global already, so it is added after the sum.
+    for net, layer_index, lambda_grad in filter(None, lambda_grads):
+        net.lamda.grad[layer_index] += lambda_grad
+    return MetaLosses(
+        generalization=float(generalization),
+        locality=float(locality),
+        total=float(generalization + c_loc * locality),
+        num_facts=num_facts,
+    )
 
 
 def _cache_all(editor, model, modules, requests, tokenizer, batch_size, pad_id):
@@ -139,7 +169,7 @@ def _locality_log_probs(model, examples, batches, pad_id, is_encoder_decoder) ->
 
 
 def _grads_of_shifted_model(
-    model, modules, shifts, gen_examples, gen_rows, num_facts, loc_examples, loc_batches, before,
+    model, modules, shifts, gen_examples, gen_rows, num_facts, loc_examples, num_locality, loc_batches, before,
     batch_size, pad_id, is_encoder_decoder, c_loc,
 ):  # fmt: skip
     """With the shifts applied, `dL_meta/dS` per module as a `(d_in, d_out)` matrix, and the losses."""
@@ -165,11 +195,12 @@ def _grads_of_shifted_model(
         for indices, log_p_before in zip(loc_batches, before, strict=True):
             batch = collate([loc_examples[i] for i in indices], pad_id, is_encoder_decoder)
             loss = _locality_loss(model, batch, log_p_before, is_encoder_decoder)
-            (c_loc * loss / len(loc_examples)).backward()
-            loc_loss += float(loss.detach()) / len(loc_examples)
+            (c_loc * loss / num_locality).backward()
+            loc_loss += float(loss.detach()) / num_locality
         grads = {}
         for name, module in modules.items():
-            grad = module.weight.grad
+            # A process may hold no example of its own: its share of dL/dS is then zero.
+            grad = torch.zeros_like(module.weight) if module.weight.grad is None else module.weight.grad
             grads[name] = grad if isinstance(module, Conv1D) else grad.T
     finally:
         with torch.no_grad():
@@ -204,8 +235,11 @@ def _locality_loss(model, batch, log_p_before, is_encoder_decoder) -> torch.Tens
     return per_fact_mean(token_kl, rows_of_scored_tokens(batch["labels"]).to(token_kl.device))
 
 
-def _backward_through_solve(editor, name, keys, value_grads, sums, shift, shift_grad, editor_batch_size) -> None:
-    """Closed-form backward through `S = (K^T K + e^lambda I)^-1 K^T D` (or MEND's sum), then the hyper-network."""
+def _backward_through_solve(editor, name, keys, value_grads, sums, shift, shift_grad, editor_batch_size):
+    """
+    Closed-form backward through `S = (K^T K + e^lambda I)^-1 K^T D` (or MEND's sum), then through the hyper-network
+    on this process's tokens (into `.grad`). Returns `(net, layer_index, dL/dlambda)`, or `None` for the sum.
+    """
     net, layer_index = editor.net_for(name)
     shift_grad = shift_grad.to(shift.device, shift.dtype)
     if sums.least_squares:
@@ -214,7 +248,6 @@ def _backward_through_solve(editor, name, keys, value_grads, sums, shift, shift_
         system = sums.gram[name] + torch.exp(log_lambda.detach()) * eye
         solved = torch.linalg.solve(system, shift_grad)  # M^-1 G, with M symmetric
         lambda_grad = -torch.exp(log_lambda.detach()) * (solved * shift).sum()
-        net.lamda.grad = _with_added(net.lamda.grad, net.lamda, layer_index, lambda_grad)
     for start in range(0, keys.shape[0], editor_batch_size):
         chunk_keys = keys[start : start + editor_batch_size]
         chunk_grads = value_grads[start : start + editor_batch_size]
@@ -226,9 +259,4 @@ def _backward_through_solve(editor, name, keys, value_grads, sums, shift, shift_
         else:
             surrogate = -net.lr[layer_index] * (pseudo_keys.T @ pseudo_grads * shift_grad).sum()
         surrogate.backward()
-
-
-def _with_added(grad, parameter, index, value):
-    grad = torch.zeros_like(parameter) if grad is None else grad
-    grad[index] += value
-    return grad
+    return (net, layer_index, lambda_grad) if sums.least_squares else None

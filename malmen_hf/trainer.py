@@ -1,0 +1,248 @@
+"""`train_editor`: MALMEN meta-training on accelerate, on one process or several, resumable."""
+
+import dataclasses
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast, set_seed
+from tqdm.auto import tqdm
+
+from .facts import EditRequest
+from .metrics import edit_scores
+from .training import meta_gradient
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .modeling_malmen import MalmenEditorModel
+
+
+@dataclasses.dataclass
+class MalmenTrainingArguments:
+    """
+    Settings of [`train_editor`].
+
+    Args:
+        output_dir (`str`): Where the editor, its best version and the checkpoints go.
+        facts_per_step (`int`, defaults to 128): Facts edited at once in each meta-training step (split between
+            processes).
+        batch_size (`int`, defaults to 32): Facts per forward/backward pass of the base model.
+        editor_batch_size (`int`, defaults to 1024): Token positions per pass of the hyper-network.
+        meta_lr (`float`, defaults to 1e-5): Adam learning rate of the editor.
+        c_loc (`float`, defaults to 1.0): Weight of the locality loss.
+        max_grad_norm (`float`, defaults to 1.0): Gradient-norm clipping.
+        num_epochs (`int`, defaults to 1): Passes over the training facts (ignored when `max_steps` is set).
+        max_steps (`int`, *optional*): Number of meta-training steps.
+        eval_every (`int`, defaults to 50): Validate (ES/GS/LS on held-out facts) every this many steps, and at the end.
+        eval_facts (`int`, defaults to 128): Held-out facts edited at once for validation.
+        checkpoint_every (`int`, defaults to 50): Save a resumable checkpoint every this many steps.
+        checkpoints_to_keep (`int`, defaults to 2): The older checkpoints are deleted.
+        resume_from_checkpoint (`str` or `bool`, *optional*): A checkpoint folder, or `True` for the latest one in
+            `output_dir/checkpoints`.
+        mixed_precision (`str`, defaults to `"no"`): `"no"` or `"bf16"` (autocast of the base model's passes).
+        log_with (`str`, *optional*): An accelerate tracker (`"tensorboard"`, `"all"`, ...).
+        seed (`int`, defaults to 0): Seed of the fact order and of torch.
+        progress (`bool`, defaults to `True`): Show a progress bar.
+    """
+
+    output_dir: str
+    facts_per_step: int = 128
+    batch_size: int = 32
+    editor_batch_size: int = 1024
+    meta_lr: float = 1e-5
+    c_loc: float = 1.0
+    max_grad_norm: float = 1.0
+    num_epochs: int = 1
+    max_steps: int | None = None
+    eval_every: int = 50
+    eval_facts: int = 128
+    checkpoint_every: int = 50
+    checkpoints_to_keep: int = 2
+    resume_from_checkpoint: str | bool | None = None
+    mixed_precision: Literal["no", "bf16"] = "no"
+    log_with: str | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("facts_per_step", "batch_size", "editor_batch_size", "num_epochs", "eval_every", "eval_facts",
+                     "checkpoint_every", "checkpoints_to_keep"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"`max_steps` must be a positive integer or None, got {self.max_steps!r}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(
+                f"`mixed_precision` must be 'no' or 'bf16', got {self.mixed_precision!r} (fp16 would need loss "
+                "scaling of the closed-form meta-gradient)"
+            )
+        for name in ("meta_lr", "c_loc", "max_grad_norm"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be a non-negative number, got {getattr(self, name)!r}")
+
+
+class _Progress:
+    """The trainer's position and best validation score, saved with each checkpoint."""
+
+    def __init__(self):
+        self.step = 0
+        self.best_score = -math.inf
+        self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "best_score": self.best_score, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.best_score, self.history = state["step"], state["best_score"], state["history"]
+
+
+def train_editor(
+    editor: "MalmenEditorModel",
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    train_requests: Sequence[EditRequest],
+    args: MalmenTrainingArguments,
+    eval_requests: Sequence[EditRequest] | None = None,
+) -> "MalmenEditorModel":
+    """
+    Meta-trains `editor` to edit `model` (MALMEN's decoupled meta-gradient, clipping, Adam).
+
+    Each step edits `args.facts_per_step` training facts at once; with several processes (`accelerate launch`), each
+    process caches its share of them and the sums of the normal equation and of the gradients are all-reduced, so N
+    processes train the same editor as one process on the same data. Every `eval_every` steps the editor edits
+    `eval_facts` held-out facts at once and ES/GS/LS are logged; the editor with the best mean of the three is kept.
+    Checkpoints (`accelerator.save_state`) allow an exact resume.
+
+    Returns:
+        The trained editor (the best one by validation when `eval_requests` is given), also saved to
+        `args.output_dir` with its training settings in `config.training` (and every step's losses and scores in
+        `training_history.json`).
+    """
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=args.log_with,
+        project_dir=args.output_dir,
+        cpu=not torch.cuda.is_available(),
+    )
+    set_seed(args.seed)
+    output_dir = Path(args.output_dir)
+    world_size, rank = accelerator.num_processes, accelerator.process_index
+    if args.facts_per_step < world_size:
+        raise ValueError(f"`facts_per_step` ({args.facts_per_step}) must be at least the number of processes")
+    steps_per_epoch = len(train_requests) // args.facts_per_step
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_requests)} training facts are fewer than `facts_per_step` ({args.facts_per_step})"
+        )
+    max_steps = args.max_steps or args.num_epochs * steps_per_epoch
+
+    if getattr(model, "hf_device_map", None) is None:
+        model.to(accelerator.device)
+    editor.to(accelerator.device).train()
+    optimizer = torch.optim.Adam(editor.parameters(), lr=args.meta_lr)
+    progress = _Progress()
+    accelerator.register_for_checkpointing(editor, optimizer, progress)
+    if args.resume_from_checkpoint:
+        accelerator.load_state(str(_checkpoint_to_resume(output_dir, args.resume_from_checkpoint)))
+    settings = {**dataclasses.asdict(args), "num_train_facts": len(train_requests), "num_processes": world_size}
+    if args.log_with:
+        accelerator.init_trackers("malmen", config={k: v for k, v in settings.items() if v is not None})
+    all_reduce = (lambda tensor: accelerator.reduce(tensor, reduction="sum")) if world_size > 1 else None
+
+    bar = tqdm(total=max_steps, initial=progress.step, disable=not (args.progress and accelerator.is_main_process))
+    while progress.step < max_steps:
+        step_facts = _facts_of_step(train_requests, progress.step, steps_per_epoch, args)
+        optimizer.zero_grad(set_to_none=True)
+        with accelerator.autocast():
+            losses = meta_gradient(
+                editor, model, step_facts[rank::world_size], tokenizer, batch_size=args.batch_size,
+                editor_batch_size=args.editor_batch_size, c_loc=args.c_loc, all_reduce=all_reduce,
+            )  # fmt: skip
+        grad_norm = torch.nn.utils.clip_grad_norm_(editor.parameters(), args.max_grad_norm)
+        optimizer.step()
+        progress.step += 1
+        record = {
+            "step": progress.step, "loss": losses.total, "loss_gen": losses.generalization,
+            "loss_loc": losses.locality, "grad_norm": float(grad_norm),
+        }  # fmt: skip
+        if eval_requests and (progress.step % args.eval_every == 0 or progress.step == max_steps):
+            record.update(_validate(accelerator, editor, model, tokenizer, eval_requests, args, progress, output_dir))
+        progress.history.append(record)
+        accelerator.log(record, step=progress.step)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{losses.total:.3f}", **{k: f"{record[k]:.2f}" for k in ("ES", "GS", "LS") if k in record}
+        )
+        if progress.step % args.checkpoint_every == 0 or progress.step == max_steps:
+            _save_checkpoint(accelerator, output_dir, progress.step, args.checkpoints_to_keep)
+    bar.close()
+    accelerator.end_training()
+    return _finish(accelerator, editor, output_dir, settings, progress, eval_requests is not None)
+
+
+def _facts_of_step(requests, step, steps_per_epoch, args) -> list[EditRequest]:
+    """The facts of global step `step`: a fixed order per epoch, so that a resumed run sees the same facts."""
+    epoch, index = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(args.seed + epoch))
+    chosen = order[index * args.facts_per_step : (index + 1) * args.facts_per_step]
+    return [requests[i] for i in chosen.tolist()]
+
+
+def _validate(accelerator, editor, model, tokenizer, eval_requests, args, progress, output_dir) -> dict:
+    """ES/GS/LS of editing `eval_facts` held-out facts at once (main process); keeps the best editor on disk."""
+    scores = {}
+    if accelerator.is_main_process:
+        with accelerator.autocast():
+            scores = edit_scores(editor, model, tokenizer, list(eval_requests[: args.eval_facts]), args.batch_size)
+        score = sum(v for v in scores.values() if not math.isnan(v)) / len(scores)
+        if score > progress.best_score:
+            progress.best_score = score
+            editor.save_pretrained(output_dir / "best")
+    accelerator.wait_for_everyone()
+    # Every process keeps the main process's best score, so that all checkpoints resume the same run.
+    best = broadcast(torch.tensor([progress.best_score], dtype=torch.float64, device=accelerator.device))
+    progress.best_score = float(best)
+    return scores
+
+
+def _checkpoint_to_resume(output_dir: Path, resume: str | bool) -> Path:
+    if resume is True or resume == "latest":
+        checkpoints = sorted((output_dir / "checkpoints").glob("step_*"))
+        if not checkpoints:
+            raise FileNotFoundError(f"No checkpoint to resume from in {output_dir / 'checkpoints'}")
+        return checkpoints[-1]
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"No checkpoint folder at {path}")
+    return path
+
+
+def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> None:
+    folder = output_dir / "checkpoints" / f"step_{step:08d}"
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        for old in sorted((output_dir / "checkpoints").glob("step_*"))[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _finish(accelerator, editor, output_dir, settings, progress, validated) -> "MalmenEditorModel":
+    """Loads the best editor (when validated), records the training settings in its config and saves it."""
+    if validated and (output_dir / "best").is_dir():
+        best = type(editor).from_pretrained(output_dir / "best")
+        editor.load_state_dict(best.state_dict())
+    evaluations = [record for record in progress.history if "ES" in record]
+    editor.config.training = {**settings, "steps": progress.step, "best_score": progress.best_score,
+                              "last_validation": evaluations[-1] if evaluations else None}  # fmt: skip
+    editor.save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        (output_dir / "training_history.json").write_text(json.dumps(progress.history, indent=1))
+    accelerator.wait_for_everyone()
+    return editor

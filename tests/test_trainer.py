@@ -1,0 +1,108 @@
+import json
+
+import pytest
+import torch
+from accelerate import debug_launcher
+from accelerate.state import AcceleratorState, GradientState
+
+from malmen_hf import MalmenEditorModel, training
+from malmen_hf.trainer import MalmenTrainingArguments, train_editor
+from tests import tiny
+from tests.test_training import REQUESTS
+
+TRAIN = [request for _ in range(4) for request in REQUESTS]  # 20 facts
+
+
+def reset_accelerate():
+    """accelerate keeps process-wide singletons: each run (and each forked process) starts from none."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def run(output_dir, **overrides):
+    """A short training run of an editor for the tiny GPT-2, built afresh (same weights every time)."""
+    reset_accelerate()
+    torch.set_num_threads(1)
+    tokenizer = tiny.gpt2_tokenizer()
+    model = tiny.gpt2_model(len(tokenizer))
+    editor = MalmenEditorModel.for_model(model, rank=8, lr_init=0.5)
+    settings = dict(facts_per_step=4, batch_size=2, editor_batch_size=3, max_steps=4, eval_every=2, eval_facts=5,
+                    checkpoint_every=1, meta_lr=1e-3, progress=False)  # fmt: skip
+    args = MalmenTrainingArguments(output_dir=str(output_dir), **{**settings, **overrides})
+    return train_editor(editor, model, tokenizer, TRAIN, args, eval_requests=REQUESTS)
+
+
+def assert_same_editor(first, second):
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_training_saves_a_loadable_editor_with_its_settings(tmp_path):
+    editor = run(tmp_path)
+    reloaded = MalmenEditorModel.from_pretrained(tmp_path)
+    assert_same_editor(reloaded.state_dict(), editor.state_dict())
+    training_record = reloaded.config.training
+    assert training_record["steps"] == 4 and training_record["facts_per_step"] == 4
+    assert set(training_record["last_validation"]) >= {"ES", "GS", "LS"}
+    history = json.loads((tmp_path / "training_history.json").read_text())
+    assert [record["step"] for record in history] == [1, 2, 3, 4]
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
+    # the normalizer learned the statistics of the keys and value gradients
+    assert reloaded.nets["128x32"].normalizer.count > 0
+
+
+def test_two_processes_train_the_same_editor_as_one(tmp_path):
+    single = run(tmp_path / "one").state_dict()
+    reset_accelerate()
+    debug_launcher(run, args=(tmp_path / "two",), num_processes=2)
+    double = MalmenEditorModel.from_pretrained(tmp_path / "two")
+    assert double.config.training["num_processes"] == 2  # not two runs of one process each
+    assert_same_editor(double.state_dict(), single)
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    uninterrupted = run(tmp_path / "whole").state_dict()
+
+    real_meta_gradient = training.meta_gradient
+    calls = []
+
+    def killed_at_step_three(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed (simulated)")
+        return real_meta_gradient(*args, **kwargs)
+
+    monkeypatch.setattr("malmen_hf.trainer.meta_gradient", killed_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr("malmen_hf.trainer.meta_gradient", real_meta_gradient)
+    resumed = run(tmp_path / "resumed", resume_from_checkpoint=True).state_dict()
+    assert_same_editor(resumed, uninterrupted)
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("facts_per_step", 0, "`facts_per_step` must be a positive integer"),
+        ("mixed_precision", "fp16", "must be 'no' or 'bf16'"),
+        ("meta_lr", float("nan"), "`meta_lr` must be a non-negative number"),
+    ],
+)
+def test_bad_arguments(tmp_path, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        MalmenTrainingArguments(output_dir=str(tmp_path), **{option: value})
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No checkpoint to resume from"):
+        run(tmp_path, resume_from_checkpoint=True)
