@@ -1,17 +1,20 @@
 """The `malmen-hf` command line."""
 
 import argparse
+import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .data import load_edit_requests
+from .data import FORMATS, load_edit_requests
 from .facts import EditRequest
 from .metrics import greedy_answers, token_accuracy
 from .modeling_malmen import MalmenEditorModel
 from .models import load_model_and_tokenizer
+from .trainer import MalmenTrainingArguments, train_editor
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "edit.json"
 HAND_WRITTEN_FACTS = [
@@ -111,6 +114,50 @@ def _one_line(cell: object, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def train(args: argparse.Namespace) -> None:
+    """Meta-trains an editor for a model on a data file (see `train_editor`)."""
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    requests = load_edit_requests(args.data, args.format)
+    if args.eval_data:
+        eval_requests = load_edit_requests(args.eval_data, args.format)
+    else:
+        # Hold out the last facts of the training file: choose settings on data the editor was not trained on.
+        held_out = max(1, round(len(requests) * args.eval_fraction))
+        requests, eval_requests = requests[:-held_out], requests[-held_out:]
+    if args.editor:
+        editor = MalmenEditorModel.from_pretrained(args.editor)
+    else:
+        editor_options = {
+            key: getattr(args, key) for key in ("rank", "n_blocks", "lr_init", "lambda_init", "aggregation")
+        }
+        editor = MalmenEditorModel.for_model(
+            model, edit_modules=args.edit_modules, base_model_name_or_path=args.model, **editor_options
+        )
+    options = {field.name: getattr(args, field.name) for field in dataclasses.fields(MalmenTrainingArguments)}
+    editor = train_editor(editor, model, tokenizer, requests, MalmenTrainingArguments(**options), eval_requests)
+    print(f"Saved the editor to {args.output_dir}; last validation: {editor.config.training['last_validation']}")
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per field of `MalmenTrainingArguments`, documented by its docstring."""
+    entry = re.compile(r"^ {8}(\w+) \(.*?\): (.*(?:\n {12}.*)*)", re.M)  # "name (`type`, ...): text"
+    docs = dict(entry.findall(MalmenTrainingArguments.__doc__))
+    for field in dataclasses.fields(MalmenTrainingArguments):
+        flag = "--" + field.name.replace("_", "-")
+        help_text = " ".join(docs.get(field.name, "").split())
+        if field.type == "bool" or field.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)
+        elif field.name == "output_dir":
+            parser.add_argument(flag, required=True, help=help_text)
+        elif field.name == "resume_from_checkpoint":
+            parser.add_argument(flag, nargs="?", const=True, default=None, help=help_text)
+        else:
+            kind = {"float": float, "int": int}.get(type(field.default).__name__, str)
+            if field.name in ("max_steps",):
+                kind = int
+            parser.add_argument(flag, type=kind, default=field.default, help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="malmen-hf", description="MALMEN model editing for transformers models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-lambda", type=float, default=TRAINING_FREE_LAMBDA, help="training-free editor's log ridge coefficient"
     )
     demo_parser.set_defaults(run=demo)
+
+    train_parser = commands.add_parser("train", help="meta-train an editor for a model on a data file")
+    train_parser.add_argument("--model", required=True, help="short name, local folder or Hub id of the base model")
+    train_parser.add_argument("--data", required=True, help="training facts (JSON or JSONL)")
+    train_parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="format of the data files")
+    train_parser.add_argument("--eval-data", help="held-out facts for validation (default: split off --data)")
+    train_parser.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out")
+    train_parser.add_argument("--editor", help="a saved editor to go on training (default: a new one)")
+    train_parser.add_argument("--edit-modules", nargs="+", help="layers to edit (default: per architecture family)")
+    train_parser.add_argument("--rank", type=int, default=1920, help="rank of the hyper-network blocks")
+    train_parser.add_argument("--n-blocks", type=int, default=2, help="residual blocks per hyper-network")
+    train_parser.add_argument("--lr-init", type=float, default=1e-6, help="initial per-layer lr")
+    train_parser.add_argument("--lambda-init", type=float, default=0.0, help="initial per-layer log ridge")
+    train_parser.add_argument("--aggregation", default="least_squares", choices=["least_squares", "sum"])
+    _add_training_arguments(train_parser)
+    train_parser.set_defaults(run=train)
     return parser
 
 

@@ -39,7 +39,8 @@ class MalmenTrainingArguments:
         max_grad_norm (`float`, defaults to 1.0): Gradient-norm clipping.
         num_epochs (`int`, defaults to 1): Passes over the training facts (ignored when `max_steps` is set).
         max_steps (`int`, *optional*): Number of meta-training steps.
-        eval_every (`int`, defaults to 50): Validate (ES/GS/LS on held-out facts) every this many steps, and at the end.
+        eval_every (`int`, defaults to 50): Validate (ES/GS/LS on held-out facts) every this many steps and at the
+            end.
         eval_facts (`int`, defaults to 128): Held-out facts edited at once for validation.
         checkpoint_every (`int`, defaults to 50): Save a resumable checkpoint every this many steps.
         checkpoints_to_keep (`int`, defaults to 2): The older checkpoints are deleted.

@@ -106,3 +106,22 @@ def test_bad_arguments(tmp_path, option, value, message):
 def test_resume_without_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="No checkpoint to resume from"):
         run(tmp_path, resume_from_checkpoint=True)
+
+
+def test_command_line_training(tmp_path, capsys):
+    from malmen_hf.cli import main
+
+    tokenizer = tiny.gpt2_tokenizer()
+    tiny.gpt2_model(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    lines = [json.dumps({"prompt": r.prompt, "target": r.target, "rephrases": list(r.rephrases)}) for r in TRAIN]
+    (tmp_path / "facts.jsonl").write_text("\n".join(lines))
+    main([
+        "train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "facts.jsonl"), "--rank", "4",
+        "--output-dir", str(tmp_path / "editor"), "--facts-per-step", "4", "--max-steps", "2", "--eval-fraction",
+        "0.25", "--eval-facts", "5", "--lr-init", "0.1", "--no-progress",
+    ])  # fmt: skip
+    assert "Saved the editor" in capsys.readouterr().out
+    editor = MalmenEditorModel.from_pretrained(tmp_path / "editor")
+    assert editor.config.training["num_train_facts"] == 15
+    assert editor.config.base_model_name_or_path == str(tmp_path / "model")
