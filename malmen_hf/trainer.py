@@ -1,6 +1,7 @@
 """`train_editor`: MALMEN meta-training on accelerate, on one process or several, resumable."""
 
 import dataclasses
+import importlib.util
 import json
 import math
 import shutil
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast, set_seed
 from tqdm.auto import tqdm
 
 from .facts import EditRequest
@@ -47,7 +48,9 @@ class MalmenTrainingArguments:
         resume_from_checkpoint (`str` or `bool`, *optional*): A checkpoint folder, or `True` for the latest one in
             `output_dir/checkpoints`.
         mixed_precision (`str`, defaults to `"no"`): `"no"` or `"bf16"` (autocast of the base model's passes).
-        log_with (`str`, *optional*): An accelerate tracker (`"tensorboard"`, `"all"`, ...).
+        log_with (`str`, *optional*, defaults to `"auto"`): An accelerate tracker (`"tensorboard"`, `"wandb"`,
+            `"all"`, ...); `"auto"` logs to TensorBoard (in `output_dir/logs`) when it is installed; `None` logs
+            nothing.
         seed (`int`, defaults to 0): Seed of the fact order and of torch.
         progress (`bool`, defaults to `True`): Show a progress bar.
     """
@@ -67,7 +70,7 @@ class MalmenTrainingArguments:
     checkpoints_to_keep: int = 2
     resume_from_checkpoint: str | bool | None = None
     mixed_precision: Literal["no", "bf16"] = "no"
-    log_with: str | None = None
+    log_with: str | None = "auto"
     seed: int = 0
     progress: bool = True
 
@@ -126,10 +129,13 @@ def train_editor(
         `args.output_dir` with its training settings in `config.training` (and every step's losses and scores in
         `training_history.json`).
     """
+    log_with = args.log_with
+    if log_with == "auto":
+        log_with = "tensorboard" if importlib.util.find_spec("tensorboard") is not None else None
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
-        log_with=args.log_with,
-        project_dir=args.output_dir,
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=f"{args.output_dir}/logs"),
         cpu=not torch.cuda.is_available(),
     )
     set_seed(args.seed)
@@ -153,7 +159,7 @@ def train_editor(
     if args.resume_from_checkpoint:
         accelerator.load_state(str(_checkpoint_to_resume(output_dir, args.resume_from_checkpoint)))
     settings = {**dataclasses.asdict(args), "num_train_facts": len(train_requests), "num_processes": world_size}
-    if args.log_with:
+    if log_with:
         accelerator.init_trackers("malmen", config={k: v for k, v in settings.items() if v is not None})
     all_reduce = (lambda tensor: accelerator.reduce(tensor, reduction="sum")) if world_size > 1 else None
 

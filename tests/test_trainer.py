@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -57,6 +58,16 @@ def test_training_saves_a_loadable_editor_with_its_settings(tmp_path):
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
     # the normalizer learned the statistics of the keys and value gradients
     assert reloaded.nets["128x32"].normalizer.count > 0
+    # TensorBoard is installed with the dev extras: "auto" logs there
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_bf16_mixed_precision(tmp_path):
+    editor = run(tmp_path, mixed_precision="bf16", log_with=None)
+    history = json.loads((tmp_path / "training_history.json").read_text())
+    assert all(math.isfinite(record["loss"]) for record in history)
+    assert all(torch.isfinite(tensor).all() for tensor in editor.state_dict().values())
+    assert not (tmp_path / "logs").exists()
 
 
 def test_two_processes_train_the_same_editor_as_one(tmp_path):
