@@ -89,11 +89,10 @@ def meta_gradient(
         is_encoder_decoder,
     )
     loc_batches = batches_by_length(loc_examples, batch_size) if loc_examples else []
-    before = _locality_log_probs(model, loc_examples, loc_batches, pad_id, is_encoder_decoder)
 
     num_locality = int(reduce(torch.tensor(float(len(loc_examples)), dtype=torch.float64)))
     weight_grads, losses = _grads_of_shifted_model(
-        model, modules, shifts, gen_examples, gen_rows, num_facts, loc_examples, num_locality, loc_batches, before,
+        model, modules, shifts, gen_examples, gen_rows, num_facts, loc_examples, num_locality, loc_batches,
         batch_size, pad_id, is_encoder_decoder, c_loc,
     )  # fmt: skip
     weight_grads = {name: reduce(grad) for name, grad in weight_grads.items()}
@@ -153,27 +152,13 @@ def _generalization_examples(requests, tokenizer, is_encoder_decoder):
     return tokenize_examples(tokenizer, prompts, targets, is_encoder_decoder), rows
 
 
-@torch.no_grad()
-def _locality_log_probs(model, examples, batches, pad_id, is_encoder_decoder) -> list[torch.Tensor]:
-    """The unedited model's log-probabilities at each locality answer position, batch by batch."""
-    was_training = model.training
-    model.eval()
-    try:
-        log_probs = []
-        for indices in batches:
-            batch = collate([examples[i] for i in indices], pad_id, is_encoder_decoder)
-            log_probs.append(torch.log_softmax(at_least_float32(scored_logits(model, batch, is_encoder_decoder)), -1))
-        return log_probs
-    finally:
-        model.train(was_training)
-
-
 def _grads_of_shifted_model(
-    model, modules, shifts, gen_examples, gen_rows, num_facts, loc_examples, num_locality, loc_batches, before,
+    model, modules, shifts, gen_examples, gen_rows, num_facts, loc_examples, num_locality, loc_batches,
     batch_size, pad_id, is_encoder_decoder, c_loc,
 ):  # fmt: skip
     """With the shifts applied, `dL_meta/dS` per module as a `(d_in, d_out)` matrix, and the losses."""
     originals = _apply_shifts(modules, shifts)
+    shifted = {name: module.weight.detach().clone() for name, module in modules.items()}
     flags = [(param, param.requires_grad) for param in model.parameters()]
     was_training = model.training
     try:
@@ -192,8 +177,13 @@ def _grads_of_shifted_model(
             (loss / num_facts).backward()
             gen_loss += float(loss.detach()) / num_facts
         loc_loss = 0.0
-        for indices, log_p_before in zip(loc_batches, before, strict=True):
+        for indices in loc_batches:
             batch = collate([loc_examples[i] for i in indices], pad_id, is_encoder_decoder)
+            # The unedited distribution, batch by batch: memory does not grow with the number of facts.
+            with torch.no_grad():
+                _copy_weights(modules, originals)
+                log_p_before = torch.log_softmax(at_least_float32(scored_logits(model, batch, is_encoder_decoder)), -1)
+                _copy_weights(modules, shifted)
             loss = _locality_loss(model, batch, log_p_before, is_encoder_decoder)
             (c_loc * loss / num_locality).backward()
             loc_loss += float(loss.detach()) / num_locality
@@ -204,8 +194,7 @@ def _grads_of_shifted_model(
             grads[name] = grad if isinstance(module, Conv1D) else grad.T
     finally:
         with torch.no_grad():
-            for name, original in originals.items():
-                modules[name].weight.copy_(original)
+            _copy_weights(modules, originals)
         for module in modules.values():
             module.weight.grad = None
         for param, flag in flags:
@@ -215,6 +204,11 @@ def _grads_of_shifted_model(
         generalization=gen_loss, locality=loc_loss, total=gen_loss + c_loc * loc_loss, num_facts=num_facts
     )
     return grads, losses
+
+
+def _copy_weights(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor]) -> None:
+    for name, weight in weights.items():
+        modules[name].weight.copy_(weight)
 
 
 def _generalization_loss(model, batch, example_weights, is_encoder_decoder) -> torch.Tensor:

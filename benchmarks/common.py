@@ -1,0 +1,175 @@
+"""Measuring tools shared by the benchmarks: peak memory, the plain forward+backward FLOOR, machine info, tables."""
+
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+import malmen_hf
+from malmen_hf.facts import IGNORE_INDEX, batches_by_length, collate, pad_id_of, tokenize_examples
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MB = 2**20
+
+
+class PeakMemory:
+    """
+    Peak memory growth of this process during a `with` block, in bytes: CUDA allocations on a CUDA device, else the
+    resident set size sampled by a background thread.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.device = device
+        self.interval = interval
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        _malloc_trim()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = self.peak = _rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss())
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.peak - self.start) / MB
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    try:
+        import psutil
+    except ImportError:  # read it from /proc (Linux)
+        with open("/proc/self/statm") as file:
+            return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return psutil.Process().memory_info().rss
+
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
+
+
+def _malloc_trim() -> None:
+    """Hands memory that glibc keeps after `free` back to the system, so RSS starts from what is really in use."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_floor(model: nn.Module, facts, tokenizer, batch_size: int, device: torch.device) -> dict:
+    """
+    One ordinary fine-tuning pass (without the optimizer step) over the facts, batched as `apply_edits` batches them:
+    full logits, mean cross-entropy on the target tokens, `backward` into every parameter.
+    """
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(True)
+    try:
+        with PeakMemory(device) as memory:
+            start = time.perf_counter()
+            examples = tokenize_examples(tokenizer, [p for p, _ in facts], [t for _, t in facts], False)
+            batches = batches_by_length(examples, batch_size)
+            pad_id = pad_id_of(tokenizer)
+            input_tokens = padded_tokens = 0
+            for indices in batches:
+                batch = collate([examples[i] for i in indices], pad_id, False)
+                input_tokens += int(batch["attention_mask"].sum())
+                padded_tokens += batch["input_ids"].numel()
+                model.zero_grad(set_to_none=True)
+                logits = model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    use_cache=False,
+                ).logits
+                # collate's causal labels are already shifted (labels[t] is scored at position t): no shift here.
+                loss = nn.functional.cross_entropy(
+                    logits.float().flatten(0, 1), batch["labels"].to(device).flatten(), ignore_index=IGNORE_INDEX
+                )
+                loss.backward()
+            sync(device)
+            wall = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+    return {
+        "floor_s": wall,
+        "floor_peak_mb": memory.growth_mb,
+        "floor_peak_abs_mb": memory.peak / MB,
+        "input_tokens": input_tokens,
+        "padded_tokens": padded_tokens,
+        "batches": len(batches),
+    }
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "malmen_hf": malmen_hf.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git": git_state(),
+    }
+    with contextlib.suppress(ImportError):
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    return info
+
+
+def git_state() -> dict:
+    """The commit and the modified files of the checkout the benchmark ran from (read-only git commands)."""
+    state = {}
+    for key, command in (("commit", ["rev-parse", "HEAD"]), ("modified", ["status", "--porcelain"])):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            result = subprocess.run(["git", *command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+            if result.returncode == 0:
+                state[key] = result.stdout.strip() if key == "commit" else result.stdout.splitlines()
+    return state
+
+
+def markdown_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |"]
+    lines.append("|" + "|".join("---:" for _ in columns) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row[key]) for _, key, fmt in columns) + " |")
+    return "\n".join(lines)
