@@ -76,6 +76,48 @@ def _share_equal(first: Sequence[int], second: Sequence[int]) -> float:
     return sum(a == b for a, b in zip(first, second, strict=True)) / max(len(first), 1)
 
 
+def locality_predictions(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    requests: Sequence[EditRequest],
+    batch_size: int = 32,
+) -> list[list[int]]:
+    """The model's teacher-forced argmax at the locality answer positions of each request that has one."""
+    pairs = [(r.locality_prompt, r.locality_answer) for r in requests if r.locality_prompt is not None]
+    if not pairs:
+        return []
+    prompts, answers = zip(*pairs, strict=True)
+    return [predicted for predicted, _ in teacher_forced_predictions(model, tokenizer, prompts, answers, batch_size)]
+
+
+def scores_of_model(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    requests: Sequence[EditRequest],
+    locality_before: Sequence[Sequence[int]],
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """
+    The paper's scores of `model` (edited or not) on `requests`:
+
+    - `ES`: mean teacher-forced accuracy of the targets on the edit prompts;
+    - `GS`: the same on the rephrasings (requests without any are left out);
+    - `LS`: mean share of locality answer positions whose argmax is the one in `locality_before` (see
+      [`locality_predictions`], taken on the unedited model).
+
+    Returns:
+        `dict[str, float]` with `ES`, `GS`, `LS` (`nan` where no request has what the score needs).
+    """
+    rephrased = [(text, r.target) for r in requests for text in r.rephrases]
+    gs = token_accuracy(model, tokenizer, *zip(*rephrased, strict=True), batch_size) if rephrased else []
+    return {
+        "ES": _mean(token_accuracy(model, tokenizer, [r.prompt for r in requests], [r.target for r in requests],
+                                   batch_size)),
+        "GS": _mean(gs),
+        "LS": _mean(agreement(locality_before, locality_predictions(model, tokenizer, requests, batch_size))),
+    }  # fmt: skip
+
+
 def edit_scores(
     editor: "MalmenEditorModel",
     model: "PreTrainedModel",
@@ -83,38 +125,13 @@ def edit_scores(
     requests: Sequence[EditRequest],
     batch_size: int = 32,
 ) -> dict[str, float]:
-    """
-    Applies all `requests` at once with `editor`, measures, and reverts:
-
-    - `ES`: mean teacher-forced accuracy of the targets on the edit prompts;
-    - `GS`: the same on each request's rephrasings (requests without any are left out);
-    - `LS`: mean share of locality answer positions whose argmax is unchanged by the edit.
-
-    Returns:
-        `dict[str, float]` with `ES`, `GS`, `LS` (`nan` where no request has what the score needs).
-    """
-    rephrased = [(text, r.target) for r in requests for text in r.rephrases]
-    local = [(r.locality_prompt, r.locality_answer) for r in requests if r.locality_prompt is not None]
-
-    def predictions(pairs):
-        if not pairs:
-            return []
-        return [p for p, _ in teacher_forced_predictions(model, tokenizer, *zip(*pairs, strict=True), batch_size)]
-
-    before = predictions(local)
+    """Applies all `requests` at once with `editor`, returns ES / GS / LS (see [`scores_of_model`]), and reverts."""
+    before = locality_predictions(model, tokenizer, requests, batch_size)
     handle = editor.apply_edits(model, requests, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        prompts, targets = [r.prompt for r in requests], [r.target for r in requests]
-        scores = {
-            "ES": _mean(token_accuracy(model, tokenizer, prompts, targets, batch_size)),
-            "GS": _mean(token_accuracy(model, tokenizer, *zip(*rephrased, strict=True), batch_size))
-            if rephrased
-            else float("nan"),
-            "LS": _mean(agreement(before, predictions(local))),
-        }
+        return scores_of_model(model, tokenizer, requests, before, batch_size)
     finally:
         handle.revert()
-    return scores
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -1,6 +1,7 @@
 import torch
 
-from malmen_hf.metrics import greedy_answers, token_accuracy
+from malmen_hf import EditRequest, MalmenEditorModel
+from malmen_hf.metrics import agreement, edit_scores, greedy_answers, token_accuracy
 
 
 def test_token_accuracy_matches_a_hand_computation(gpt2):
@@ -27,3 +28,28 @@ def test_greedy_answers_match_one_prompt_at_a_time(gpt2):
         output = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.eos_token_id)
         assert answer == tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert tokenizer.pad_token is None and tokenizer.padding_side == "right"
+
+
+def test_agreement():
+    assert agreement([[1, 2, 3], [4]], [[1, 0, 3], [5]]) == [2 / 3, 0.0]
+
+
+def test_edit_scores_of_an_edit_that_changes_nothing(gpt2):
+    model, tokenizer = gpt2
+    requests = [
+        EditRequest("The capital of France is", "Berlin", ("France's capital is",), "Apple was founded by", "Steve"),
+        EditRequest("Toko Yasuda plays the", "piano", locality_prompt="The Louvre is in", locality_answer="Paris"),
+    ]
+    editor = MalmenEditorModel.for_model(model, rank=4, lr_init=0.0)
+    scores = edit_scores(editor, model, tokenizer, requests)
+    assert scores["LS"] == 1.0
+    assert scores["ES"] == sum(token_accuracy(model, tokenizer, [r.prompt for r in requests], ["Berlin", "piano"])) / 2
+    assert scores["GS"] == token_accuracy(model, tokenizer, ["France's capital is"], ["Berlin"])[0]
+
+
+def test_edit_scores_revert_the_edit(gpt2):
+    model, tokenizer = gpt2
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    editor = MalmenEditorModel.for_model(model, rank=4, lr_init=1.0)
+    edit_scores(editor, model, tokenizer, [EditRequest("Apple was founded by", "Microsoft")])
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
