@@ -111,8 +111,7 @@ def train(args: argparse.Namespace) -> None:
             model, edit_modules=args.edit_modules, base_model_name_or_path=args.model, **editor_options
         )
     options = {field.name: getattr(args, field.name) for field in dataclasses.fields(MalmenTrainingArguments)}
-    editor = train_editor(editor, model, tokenizer, requests, MalmenTrainingArguments(**options), eval_requests)
-    print(f"Saved the editor to {args.output_dir}; last validation: {editor.config.training['last_validation']}")
+    train_editor(editor, model, tokenizer, requests, MalmenTrainingArguments(**options), eval_requests)
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from .facts import EditRequest
@@ -190,8 +190,12 @@ def train_editor(
         if progress.step % args.checkpoint_every == 0 or progress.step == max_steps:
             _save_checkpoint(accelerator, output_dir, progress.step, args.checkpoints_to_keep)
     bar.close()
-    accelerator.end_training()
-    return _finish(accelerator, editor, output_dir, settings, progress, eval_requests is not None)
+    editor = _finish(accelerator, editor, output_dir, settings, progress, eval_requests is not None)
+    accelerator.print(
+        f"Saved the editor to {output_dir}; last validation: {editor.config.training['last_validation']}"
+    )
+    accelerator.end_training()  # last: it also ends the process group
+    return editor
 
 
 def _facts_of_step(requests, step, steps_per_epoch, args) -> list[EditRequest]:
@@ -212,10 +216,11 @@ def _validate(accelerator, editor, model, tokenizer, eval_requests, args, progre
         if score > progress.best_score:
             progress.best_score = score
             editor.save_pretrained(output_dir / "best")
-    accelerator.wait_for_everyone()
-    # Every process keeps the main process's best score, so that all checkpoints resume the same run.
-    best = broadcast(torch.tensor([progress.best_score], dtype=torch.float64, device=accelerator.device))
-    progress.best_score = float(best)
+    # Every process keeps the main process's scores, so that all histories and checkpoints are the same.
+    payload = [scores, progress.best_score]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(payload, from_process=0)
+    scores, progress.best_score = payload
     return scores
 
 
