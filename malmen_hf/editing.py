@@ -11,6 +11,7 @@ from torch import nn
 
 from .caching import cache_keys_and_value_grads, frozen_for_caching
 from .facts import (
+    IGNORE_INDEX,
     FactLike,
     TokenizedExample,
     as_edit_requests,
@@ -122,7 +123,7 @@ def apply_edits(
         modules=list(modules),
         shift_norms={name: float(shift.norm()) for name, shift in shifts.items()},
         num_facts=len(requests),
-        num_tokens=sum(sum(label != -100 for label in example.labels) for example in examples),
+        num_tokens=sum(sum(label != IGNORE_INDEX for label in example.labels) for example in examples),
         aggregation=editor.config.aggregation,
         timings=timings,
         _model=model,
