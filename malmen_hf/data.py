@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ FORMATS: dict[str, tuple[str, ...]] = {name: layout.required() for name, layout 
 
 
 def load_edit_requests(
-    path: str | os.PathLike, format: str = "auto", *, limit: int | None = None
+    path: str | os.PathLike, format: str = "auto", *, limit: int | None = None, skip_invalid: bool = False
 ) -> list[EditRequest]:
     """
     Reads a JSON array or JSON Lines file of edit records (through `datasets.load_dataset("json")`) into
@@ -90,9 +91,12 @@ def load_edit_requests(
             error that asks for an explicit `format`.
         limit (`int`, *optional*):
             Read only the first `limit` records.
+        skip_invalid (`bool`, *optional*, defaults to `False`):
+            Leave malformed records out instead of failing, with a warning that counts them and names the first
+            few (for public files with a few broken records, such as an empty zsRE target).
 
     Returns:
-        `list[EditRequest]`: One request per record, in file order. Nothing is skipped.
+        `list[EditRequest]`: One request per record, in file order. Nothing is skipped unless `skip_invalid`.
 
     Raises:
         `FileNotFoundError`: If `path` is not a file.
@@ -113,7 +117,20 @@ def load_edit_requests(
     path = os.fspath(path)
     records = _read_records(path)
     layout = _LAYOUTS[_detect_format(path, records[0]) if format == "auto" else format]
-    return [_to_edit_request(path, index, record, layout) for index, record in enumerate(islice(records, limit))]
+    requests, errors = [], []
+    for index, record in enumerate(islice(records, limit)):
+        try:
+            requests.append(_to_edit_request(path, index, record, layout))
+        except ValueError as error:
+            if not skip_invalid:
+                raise
+            errors.append(str(error))
+    if errors:
+        shown = "; ".join(errors[:3]) + ("; ..." if len(errors) > 3 else "")
+        warnings.warn(f"{path}: skipped {len(errors)} malformed record(s): {shown}", stacklevel=2)
+    if not requests:
+        raise ValueError(f"{path}: no valid record (all {len(errors)} were malformed)")
+    return requests
 
 
 def _check_arguments(format: str, limit: int | None) -> None:

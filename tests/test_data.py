@@ -387,3 +387,21 @@ def test_shared_public_data(name, fmt):
         assert request == EditRequest(
             record[keys[0]], record[keys[1]], (record[keys[2]],), record[keys[3]], record[keys[4]]
         )
+
+
+def test_skip_invalid_leaves_out_malformed_records_with_a_warning(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    rows = [{"prompt": "a", "target": "b"}, {"prompt": "c", "target": ""}, {"prompt": "e", "target": "f"}]
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    with pytest.raises(ValueError, match="record 1"):
+        load_edit_requests(path)
+    with pytest.warns(UserWarning, match=r"skipped 1 malformed record\(s\): .*record 1: 'target'"):
+        requests = load_edit_requests(path, skip_invalid=True)
+    assert [request.prompt for request in requests] == ["a", "e"]
+
+
+def test_skip_invalid_with_nothing_valid(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    path.write_text(json.dumps({"prompt": "c", "target": ""}))
+    with pytest.raises(ValueError, match="no valid record"), pytest.warns(UserWarning):
+        load_edit_requests(path, skip_invalid=True)
