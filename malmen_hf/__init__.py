@@ -9,6 +9,7 @@ from .facts import EditRequest
 from .functional import least_squares_shift, summed_shift, value_differences
 from .layers import default_edit_modules
 from .modeling_malmen import MalmenEditorModel, MalmenPreTrainedModel
+from .trainer import MalmenTrainingArguments, train_editor
 
 __version__ = "0.1.0"
 
@@ -26,11 +27,13 @@ __all__ = [
     "MalmenEditableMixin",
     "MalmenEditorModel",
     "MalmenPreTrainedModel",
+    "MalmenTrainingArguments",
     "apply_edits",
     "default_edit_modules",
     "least_squares_shift",
     "load_edit_requests",
     "revert_edits",
     "summed_shift",
+    "train_editor",
     "value_differences",
 ]

@@ -126,9 +126,8 @@ class MalmenPreTrainedModel(PreTrainedModel):
 
 class MalmenEditorModel(MalmenPreTrainedModel):
     """
-    A MALMEN editor: one hyper-network per distinct shape of the edited layers, which maps the keys and value
-    gradients of a base model on a batch of facts to pseudo keys and value gradients;
-    [`~MalmenEditorModel.apply_edits`]
+    A MALMEN editor: one hyper-network per distinct shape of the edited layers. It maps the keys and value gradients
+    of a base model on a batch of facts to pseudo keys and value gradients; [`~MalmenEditorModel.apply_edits`]
     aggregates them into one weight shift per layer by least squares and applies it to the base model in place.
 
     Example:
