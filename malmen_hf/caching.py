@@ -26,16 +26,23 @@ def per_fact_mean(
     return (token_values * weights).sum()
 
 
-def per_fact_loss(logits: torch.Tensor, labels: torch.Tensor, row_of_token: torch.Tensor) -> torch.Tensor:
+def per_fact_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    row_of_token: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """
-    Cross-entropy averaged over each fact's target tokens, then summed over facts (see [`per_fact_mean`]).
+    Cross-entropy averaged over each fact's target tokens, then summed over facts, each weighted by `row_weights`
+    when given (see [`per_fact_mean`]).
 
     Args:
         logits (`torch.Tensor` of shape `(n, vocab)`): logits at the scored positions only.
         labels (`torch.Tensor` of shape `(n,)`): the target token of each scored position.
         row_of_token (`torch.Tensor` of shape `(n,)`): the fact (batch row) each scored position belongs to.
     """
-    return per_fact_mean(nn.functional.cross_entropy(at_least_float32(logits), labels, reduction="none"), row_of_token)
+    token_losses = nn.functional.cross_entropy(at_least_float32(logits), labels, reduction="none")
+    return per_fact_mean(token_losses, row_of_token, row_weights)
 
 
 def rows_of_scored_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -106,7 +113,7 @@ def cache_keys_and_value_grads(
     Runs the base model on a collated batch and returns, for each edited module, the keys `(n, d_in)` and the value
     gradients `dL/d(output)` `(n, d_out)` at the selected token positions, where `L` is [`per_fact_loss`].
 
-    The model's parameters should not require gradients (see [`frozen_for_caching`]): the backward then reaches only
+    The model's parameters should not require gradients (see [`frozen`]): the backward then reaches only
     the earliest edited layer and forms no weight gradient.
 
     Args:
@@ -139,7 +146,7 @@ def cache_keys_and_value_grads(
 
 
 @contextlib.contextmanager
-def frozen_for_caching(model: nn.Module) -> Iterator[None]:
+def frozen(model: nn.Module) -> Iterator[None]:
     """Puts `model` in eval mode with no parameter requiring gradients, and restores both afterwards."""
     was_training = model.training
     flags = [(param, param.requires_grad) for param in model.parameters()]

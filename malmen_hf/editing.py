@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .caching import cache_keys_and_value_grads, frozen_for_caching
+from .caching import cache_keys_and_value_grads, frozen
 from .facts import (
     IGNORE_INDEX,
     FactLike,
@@ -17,8 +17,9 @@ from .facts import (
     as_edit_requests,
     batches_by_length,
     collate,
+    is_encoder_decoder,
     pad_id_of,
-    tokenize_examples,
+    tokenize_edit_prompts,
 )
 from .functional import least_squares_shift, summed_shift, value_differences
 from .layers import get_edit_module, shifted_weight, weight_shape
@@ -97,10 +98,8 @@ def apply_edits(
     if not isinstance(editor_batch_size, int) or editor_batch_size < 1:
         raise ValueError(f"editor_batch_size must be a positive integer, got {editor_batch_size!r}")
     modules = _checked_modules(editor, model)
-    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    examples = tokenize_examples(
-        tokenizer, [r.prompt for r in requests], [r.target for r in requests], is_encoder_decoder
-    )
+    encoder_decoder = is_encoder_decoder(model)
+    examples = tokenize_edit_prompts(tokenizer, requests, encoder_decoder)
     batches = batches_by_length(examples, batch_size)
     _check_lengths(model, examples)
 
@@ -148,13 +147,13 @@ def cached_batches(
     Yields, batch after batch, the keys and value gradients of each edited module (see
     [`cache_keys_and_value_grads`]), with the model frozen and in eval mode meanwhile.
     """
-    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    encoder_decoder = is_encoder_decoder(model)
     encoder_modules = _encoder_module_names(model, modules)
-    with frozen_for_caching(model), torch.enable_grad():
+    with frozen(model), torch.enable_grad():
         for indices in batches:
-            batch = collate([examples[i] for i in indices], pad_id, is_encoder_decoder)
+            batch = collate([examples[i] for i in indices], pad_id, encoder_decoder)
             yield cache_keys_and_value_grads(
-                model, modules, batch, is_encoder_decoder, encoder_modules, editor.config.token_positions
+                model, modules, batch, encoder_decoder, encoder_modules, editor.config.token_positions
             )
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
 
@@ -84,6 +84,11 @@ def _as_edit_request(index: int, fact: FactLike) -> EditRequest:
         raise ValueError(f"fact {index}: {error}") from None
 
 
+def is_encoder_decoder(model: "PreTrainedModel") -> bool:
+    """Whether `model` takes targets on a decoder side (T5) rather than after the prompt (GPT-2, Llama)."""
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
 @dataclass
 class TokenizedExample:
     """
@@ -93,6 +98,13 @@ class TokenizedExample:
 
     input_ids: list[int]
     labels: list[int]
+
+
+def tokenize_edit_prompts(
+    tokenizer: "PreTrainedTokenizerBase", requests: Sequence[EditRequest], is_encoder_decoder: bool
+) -> list[TokenizedExample]:
+    """Teacher-forced `prompt -> target` examples of edit requests."""
+    return tokenize_examples(tokenizer, [r.prompt for r in requests], [r.target for r in requests], is_encoder_decoder)
 
 
 def tokenize_examples(

@@ -6,7 +6,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from .caching import scored_logits
-from .facts import IGNORE_INDEX, EditRequest, batches_by_length, collate, pad_id_of, tokenize_examples
+from .facts import (
+    IGNORE_INDEX,
+    EditRequest,
+    batches_by_length,
+    collate,
+    is_encoder_decoder,
+    pad_id_of,
+    tokenize_examples,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -26,15 +34,15 @@ def teacher_forced_predictions(
     For each `(prompt, target)`, the model's argmax at each target position given the prompt and the preceding target
     tokens, and the target tokens themselves: `(predicted_ids, target_ids)`.
     """
-    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    examples = tokenize_examples(tokenizer, prompts, targets, is_encoder_decoder)
+    encoder_decoder = is_encoder_decoder(model)
+    examples = tokenize_examples(tokenizer, prompts, targets, encoder_decoder)
     results: list[tuple[list[int], list[int]]] = [([], [])] * len(examples)
     was_training = model.training
     model.eval()
     try:
         for indices in batches_by_length(examples, batch_size):
-            batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), is_encoder_decoder)
-            predicted = scored_logits(model, batch, is_encoder_decoder).argmax(-1).cpu()
+            batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), encoder_decoder)
+            predicted = scored_logits(model, batch, encoder_decoder).argmax(-1).cpu()
             mask = batch["labels"] != IGNORE_INDEX
             lengths = mask.sum(1).tolist()
             for index, row_predictions, row_targets in zip(
@@ -147,10 +155,10 @@ def greedy_answers(
     batch_size: int = 32,
 ) -> list[str]:
     """What the model answers to each prompt with greedy decoding (what a user sees), stripped of whitespace."""
-    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    encoder_decoder = is_encoder_decoder(model)
     padding_side = tokenizer.padding_side
     pad_token = tokenizer.pad_token
-    tokenizer.padding_side = "right" if is_encoder_decoder else "left"  # decoder-only models continue on the right
+    tokenizer.padding_side = "right" if encoder_decoder else "left"  # decoder-only models continue on the right
     if pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = model.get_input_embeddings().weight.device
@@ -162,7 +170,7 @@ def greedy_answers(
             output = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
-            new_tokens = output if is_encoder_decoder else output[:, inputs["input_ids"].shape[1] :]
+            new_tokens = output if encoder_decoder else output[:, inputs["input_ids"].shape[1] :]
             answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = padding_side

@@ -10,9 +10,18 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .caching import per_fact_mean, rows_of_scored_tokens, scored_logits
+from .caching import frozen, per_fact_loss, per_fact_mean, rows_of_scored_tokens, scored_logits
 from .editing import _apply_shifts, _checked_modules, _NormalEquationSums, cached_batches
-from .facts import IGNORE_INDEX, EditRequest, batches_by_length, collate, pad_id_of, tokenize_examples
+from .facts import (
+    IGNORE_INDEX,
+    EditRequest,
+    batches_by_length,
+    collate,
+    is_encoder_decoder,
+    pad_id_of,
+    tokenize_edit_prompts,
+    tokenize_examples,
+)
 from .functional import at_least_float32, value_differences
 
 if TYPE_CHECKING:
@@ -64,7 +73,7 @@ def meta_gradient(
     """
     reduce = all_reduce or (lambda tensor: tensor)
     modules = _checked_modules(editor, model)
-    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    encoder_decoder = is_encoder_decoder(model)
     pad_id = pad_id_of(tokenizer)
     num_facts = int(reduce(torch.tensor(float(len(requests)), dtype=torch.float64)))
     keys, value_grads = _cache_all(editor, model, modules, requests, tokenizer, batch_size, pad_id)
@@ -80,20 +89,20 @@ def meta_gradient(
             totals.update({name: reduce(total) for name, total in totals.items()})
     shifts = sums.solve()
 
-    gen_examples, gen_rows = _generalization_examples(requests, tokenizer, is_encoder_decoder)
+    gen_examples, gen_rows = _generalization_examples(requests, tokenizer, encoder_decoder)
     loc_requests = [request for request in requests if request.locality_prompt is not None]
     loc_examples = tokenize_examples(
         tokenizer,
         [request.locality_prompt for request in loc_requests],
         [request.locality_answer for request in loc_requests],
-        is_encoder_decoder,
+        encoder_decoder,
     )
     loc_batches = batches_by_length(loc_examples, batch_size) if loc_examples else []
 
     num_locality = int(reduce(torch.tensor(float(len(loc_examples)), dtype=torch.float64)))
     weight_grads, losses = _grads_of_shifted_model(
         model, modules, shifts, gen_examples, gen_rows, num_facts, loc_examples, num_locality, loc_batches,
-        batch_size, pad_id, is_encoder_decoder, c_loc,
+        batch_size, pad_id, encoder_decoder, c_loc,
     )  # fmt: skip
     weight_grads = {name: reduce(grad) for name, grad in weight_grads.items()}
     generalization, locality = reduce(torch.tensor([losses.generalization, losses.locality], dtype=torch.float64))
@@ -123,10 +132,8 @@ def meta_gradient(
 
 def _cache_all(editor, model, modules, requests, tokenizer, batch_size, pad_id):
     """Every token's key and value gradient per module, on the editor's device and dtype (training needs them)."""
-    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    examples = tokenize_examples(
-        tokenizer, [r.prompt for r in requests], [r.target for r in requests], is_encoder_decoder
-    )
+    encoder_decoder = is_encoder_decoder(model)
+    examples = tokenize_edit_prompts(tokenizer, requests, encoder_decoder)
     keys = {name: [] for name in modules}
     value_grads = {name: [] for name in modules}
     batches = batches_by_length(examples, batch_size)
@@ -159,47 +166,42 @@ def _grads_of_shifted_model(
     """With the shifts applied, `dL_meta/dS` per module as a `(d_in, d_out)` matrix, and the losses."""
     originals = _apply_shifts(modules, shifts)
     shifted = {name: module.weight.detach().clone() for name, module in modules.items()}
-    flags = [(param, param.requires_grad) for param in model.parameters()]
-    was_training = model.training
     try:
-        model.eval()
-        for param, _ in flags:
-            param.requires_grad_(False)
-        for module in modules.values():
-            module.weight.requires_grad_(True)
-            module.weight.grad = None
-        rephrasings_per_fact = Counter(gen_rows)
-        gen_loss = 0.0
-        for indices in batches_by_length(gen_examples, batch_size):
-            batch = collate([gen_examples[i] for i in indices], pad_id, is_encoder_decoder)
-            weights = torch.tensor([1.0 / rephrasings_per_fact[gen_rows[i]] for i in indices])
-            loss = _generalization_loss(model, batch, weights, is_encoder_decoder)
-            (loss / num_facts).backward()
-            gen_loss += float(loss.detach()) / num_facts
-        loc_loss = 0.0
-        for indices in loc_batches:
-            batch = collate([loc_examples[i] for i in indices], pad_id, is_encoder_decoder)
-            # The unedited distribution, batch by batch: memory does not grow with the number of facts.
-            with torch.no_grad():
-                _copy_weights(modules, originals)
-                log_p_before = torch.log_softmax(at_least_float32(scored_logits(model, batch, is_encoder_decoder)), -1)
-                _copy_weights(modules, shifted)
-            loss = _locality_loss(model, batch, log_p_before, is_encoder_decoder)
-            (c_loc * loss / num_locality).backward()
-            loc_loss += float(loss.detach()) / num_locality
-        grads = {}
-        for name, module in modules.items():
-            # A process may hold no example of its own: its share of dL/dS is then zero.
-            grad = torch.zeros_like(module.weight) if module.weight.grad is None else module.weight.grad
-            grads[name] = grad if isinstance(module, Conv1D) else grad.T
+        with frozen(model):
+            # Only the edited weights take gradients: dL/dS is what the closed-form backward needs.
+            for module in modules.values():
+                module.weight.requires_grad_(True)
+                module.weight.grad = None
+            rephrasings_per_fact = Counter(gen_rows)
+            gen_loss = 0.0
+            for indices in batches_by_length(gen_examples, batch_size):
+                batch = collate([gen_examples[i] for i in indices], pad_id, is_encoder_decoder)
+                weights = torch.tensor([1.0 / rephrasings_per_fact[gen_rows[i]] for i in indices])
+                loss = _generalization_loss(model, batch, weights, is_encoder_decoder)
+                (loss / num_facts).backward()
+                gen_loss += float(loss.detach()) / num_facts
+            loc_loss = 0.0
+            for indices in loc_batches:
+                batch = collate([loc_examples[i] for i in indices], pad_id, is_encoder_decoder)
+                # The unedited distribution, batch by batch: memory does not grow with the number of facts.
+                with torch.no_grad():
+                    _copy_weights(modules, originals)
+                    logits = at_least_float32(scored_logits(model, batch, is_encoder_decoder))
+                    log_p_before = torch.log_softmax(logits, -1)
+                    _copy_weights(modules, shifted)
+                loss = _locality_loss(model, batch, log_p_before, is_encoder_decoder)
+                (c_loc * loss / num_locality).backward()
+                loc_loss += float(loss.detach()) / num_locality
+            grads = {}
+            for name, module in modules.items():
+                # A process may hold no example of its own: its share of dL/dS is then zero.
+                grad = torch.zeros_like(module.weight) if module.weight.grad is None else module.weight.grad
+                grads[name] = grad if isinstance(module, Conv1D) else grad.T
     finally:
         with torch.no_grad():
             _copy_weights(modules, originals)
         for module in modules.values():
             module.weight.grad = None
-        for param, flag in flags:
-            param.requires_grad_(flag)
-        model.train(was_training)
     losses = MetaLosses(
         generalization=gen_loss, locality=loc_loss, total=gen_loss + c_loc * loc_loss, num_facts=num_facts
     )
@@ -214,11 +216,8 @@ def _copy_weights(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor
 def _generalization_loss(model, batch, example_weights, is_encoder_decoder) -> torch.Tensor:
     """Cross-entropy averaged over each example's target tokens, weighted so that each fact's rephrasings weigh 1."""
     logits = scored_logits(model, batch, is_encoder_decoder)
-    mask = batch["labels"] != IGNORE_INDEX
-    token_losses = nn.functional.cross_entropy(
-        at_least_float32(logits), batch["labels"][mask].to(logits.device), reduction="none"
-    )
-    return per_fact_mean(token_losses, rows_of_scored_tokens(batch["labels"]).to(logits.device), example_weights)
+    labels = batch["labels"][batch["labels"] != IGNORE_INDEX].to(logits.device)
+    return per_fact_loss(logits, labels, rows_of_scored_tokens(batch["labels"]).to(logits.device), example_weights)
 
 
 def _locality_loss(model, batch, log_p_before, is_encoder_decoder) -> torch.Tensor:

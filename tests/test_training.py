@@ -4,7 +4,7 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from malmen_hf import EditRequest, MalmenEditorModel
-from malmen_hf.caching import cache_keys_and_value_grads, frozen_for_caching
+from malmen_hf.caching import cache_keys_and_value_grads, frozen
 from malmen_hf.facts import collate, pad_id_of, tokenize_examples
 from malmen_hf.training import meta_gradient
 
@@ -49,7 +49,7 @@ def reference_meta_gradient(editor, model, tokenizer, requests):
     modules = {name: model.get_submodule(name) for name in editor.config.edit_modules}
     examples = tokenize_examples(tokenizer, [r.prompt for r in requests], [r.target for r in requests], False)
     batch = collate(examples, pad_id_of(tokenizer), False)
-    with frozen_for_caching(model), torch.enable_grad():
+    with frozen(model), torch.enable_grad():
         cached = cache_keys_and_value_grads(model, modules, batch, False)
     params = dict(model.named_parameters())
     for name, (keys, value_grads) in cached.items():
