@@ -10,6 +10,7 @@ from .functional import least_squares_shift, summed_shift, value_differences
 from .layers import default_edit_modules
 from .modeling_malmen import MalmenEditorModel, MalmenPreTrainedModel
 from .trainer import MalmenTrainingArguments, train_editor
+from .training import fit_normalizer
 
 __version__ = "0.1.0"
 
@@ -30,6 +31,7 @@ __all__ = [
     "MalmenTrainingArguments",
     "apply_edits",
     "default_edit_modules",
+    "fit_normalizer",
     "least_squares_shift",
     "load_edit_requests",
     "revert_edits",

@@ -105,7 +105,8 @@ def train(args: argparse.Namespace) -> None:
         editor = MalmenEditorModel.from_pretrained(args.editor)
     else:
         editor_options = {
-            key: getattr(args, key) for key in ("rank", "n_blocks", "lr_init", "lambda_init", "aggregation")
+            key: getattr(args, key)
+            for key in ("rank", "n_blocks", "lr_init", "lambda_init", "aggregation", "token_positions")
         }
         editor = MalmenEditorModel.for_model(
             model, edit_modules=args.edit_modules, base_model_name_or_path=args.model, **editor_options
@@ -163,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--lr-init", type=float, default=1e-6, help="initial per-layer lr")
     train_parser.add_argument("--lambda-init", type=float, default=0.0, help="initial per-layer log ridge")
     train_parser.add_argument("--aggregation", default="least_squares", choices=["least_squares", "sum"])
+    train_parser.add_argument(
+        "--token-positions",
+        default="target",
+        choices=["target", "all"],
+        help="positions whose keys and value gradients are used: those scored on the target, or every one",
+    )
     _add_training_arguments(train_parser)
     train_parser.set_defaults(run=train)
     return parser

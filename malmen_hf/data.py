@@ -27,6 +27,8 @@ class _Layout:
     rephrases: str
     locality_prompt: str
     locality_answer: str
+    # The answer before the edit, read when present (for CounterFact's probability scores).
+    ground_truth: str | None = None
     # The generic format: only prompt and target are required, and unknown keys are an error (they are typos there).
     closed: bool = False
     # FEVER: the target and the locality answer are classifier labels.
@@ -40,18 +42,25 @@ class _Layout:
             "rephrases": self.rephrases,
             "locality_prompt": self.locality_prompt,
             "locality_answer": self.locality_answer,
+            **({"ground_truth": self.ground_truth} if self.ground_truth else {}),
         }
 
     def required(self) -> tuple[str, ...]:
-        return (self.prompt, self.target) if self.closed else tuple(self.keys().values())
+        if self.closed:
+            return (self.prompt, self.target)
+        return (self.prompt, self.target, self.rephrases, self.locality_prompt, self.locality_answer)
 
 
 _LAYOUTS = {
-    "counterfact": _Layout("prompt", "target_new", "rephrase_prompt", "locality_prompt", "locality_ground_truth"),
-    "zsre": _Layout("src", "alt", "rephrase", "loc", "loc_ans"),
+    "counterfact": _Layout(
+        "prompt", "target_new", "rephrase_prompt", "locality_prompt", "locality_ground_truth", "ground_truth"
+    ),
+    "zsre": _Layout("src", "alt", "rephrase", "loc", "loc_ans", "answers"),
     "zsre_paper": _Layout("src", "ans", "rephrase", "loc", "loc_ans"),
     "fever": _Layout("prompt", "alt", "equiv_prompt", "unrel_prompt", "unrel_ans", labels=FEVER_LABELS),
-    "generic": _Layout("prompt", "target", "rephrases", "locality_prompt", "locality_answer", closed=True),
+    "generic": _Layout(
+        "prompt", "target", "rephrases", "locality_prompt", "locality_answer", "ground_truth", closed=True
+    ),
 }
 
 FORMATS: dict[str, tuple[str, ...]] = {name: layout.required() for name, layout in _LAYOUTS.items()}
@@ -65,19 +74,19 @@ def load_edit_requests(
     Reads a JSON array or JSON Lines file of edit records (through `datasets.load_dataset("json")`) into
     [`EditRequest`]s, with their rephrasings and locality prompts.
 
-    The formats, with the keys each reads (other keys, such as CounterFact's `ground_truth` or zsRE's `answers`, are
-    ignored, except in `"generic"`):
+    The formats, with the keys each reads (other keys are ignored, except in `"generic"`):
 
     - `"counterfact"` (CounterFact, simplified MEND-style form): `prompt` -> `target_new`; rephrases:
-      `rephrase_prompt`; locality: `locality_prompt` -> `locality_ground_truth`.
+      `rephrase_prompt`; locality: `locality_prompt` -> `locality_ground_truth`; `ground_truth` when present.
     - `"zsre"` (zsRE, MEND's split files): `src` -> `alt`; rephrases: `rephrase`; locality: `loc` -> `loc_ans`, kept
-      as given (e.g. `"nq question: who sings ..."`).
+      as given (e.g. `"nq question: who sings ..."`); the first of `answers`, when present, as `ground_truth`.
     - `"zsre_paper"` (zsRE, the MALMEN paper's files): `src` -> `ans`; rephrases: `rephrase`; locality: `loc` ->
       `loc_ans`.
     - `"fever"` (FEVER fact checking, for a binary classifier head): `prompt` -> `alt`; rephrases: `equiv_prompt`;
       locality: `unrel_prompt` -> `unrel_ans`. `alt` and `unrel_ans` must be `"SUPPORTS"` or `"REFUTES"`.
     - `"generic"`: `EditRequest`'s own field names: `prompt`, `target`, and optionally `rephrases` (a string or a
-      list of strings), `locality_prompt` and `locality_answer` (given together). Any other key is an error.
+      list of strings), `locality_prompt` and `locality_answer` (given together), `ground_truth`. Any other key is an
+      error.
 
     In every format but `"generic"` all five keys are required ([`FORMATS`] lists the required keys). A rephrase key
     may hold one string or a list of strings. A key whose value is `null` counts as missing.
@@ -216,7 +225,12 @@ def _fields(record: Mapping[str, Any], layout: _Layout) -> dict[str, Any]:
             if key in layout.required():
                 raise ValueError(f"missing key {key!r}")
             continue
-        fields[field] = _rephrases(key, value) if field == "rephrases" else _text(key, value)
+        if field == "rephrases":
+            fields[field] = _rephrases(key, value)
+        elif field == "ground_truth" and isinstance(value, list):
+            fields[field] = _rephrases(key, value)[0]  # zsRE's `answers`: the first is the one the model should give
+        else:
+            fields[field] = _text(key, value)
     for field in ("target", "locality_answer"):
         if layout.labels and fields[field] not in layout.labels:
             key = layout.keys()[field]

@@ -23,6 +23,8 @@ class EditRequest:
         rephrases (`tuple[str, ...]`, *optional*): Other phrasings of the prompt (to measure generalization).
         locality_prompt (`str`, *optional*): An unrelated prompt whose answer should not change.
         locality_answer (`str`, *optional*): The answer to `locality_prompt`.
+        ground_truth (`str`, *optional*): The answer the model is expected to give before the edit (CounterFact's
+            `ground_truth`), for the probability comparisons of [`~metrics.counterfact_scores`].
     """
 
     prompt: str
@@ -30,6 +32,7 @@ class EditRequest:
     rephrases: tuple[str, ...] = ()
     locality_prompt: str | None = None
     locality_answer: str | None = None
+    ground_truth: str | None = None
 
     def __post_init__(self):
         for name in ("prompt", "target"):
@@ -40,7 +43,7 @@ class EditRequest:
         if not all(isinstance(text, str) and text.strip() for text in rephrases):
             raise ValueError(f"'rephrases' must be non-empty strings, got {self.rephrases!r}")
         object.__setattr__(self, "rephrases", rephrases)
-        for name in ("locality_prompt", "locality_answer"):
+        for name in ("locality_prompt", "locality_answer", "ground_truth"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"'{name}' must be a string or None, got {value!r}")

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from .modeling_malmen import MalmenEditorModel
 
 
-@torch.no_grad()
 def teacher_forced_predictions(
     model: "PreTrainedModel",
     tokenizer: "PreTrainedTokenizerBase",
@@ -34,21 +33,48 @@ def teacher_forced_predictions(
     For each `(prompt, target)`, the model's argmax at each target position given the prompt and the preceding target
     tokens, and the target tokens themselves: `(predicted_ids, target_ids)`.
     """
+    rows = _scan_targets(model, tokenizer, prompts, targets, batch_size, lambda logits, _: logits.argmax(-1))
+    return [(predicted.tolist(), target.tolist()) for predicted, target in rows]
+
+
+def target_log_probs(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 32,
+) -> list[float]:
+    """
+    The mean log-probability of each target's tokens given its prompt (teacher-forced), the quantity CounterFact's
+    probability comparisons use (a mean per token, so that targets of different lengths compare fairly).
+    """
+
+    def log_probs(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(logits.float(), -1).gather(-1, target_ids.to(logits.device)[:, None])[:, 0]
+
+    rows = _scan_targets(model, tokenizer, prompts, targets, batch_size, log_probs)
+    return [float(values.mean()) for values, _ in rows]
+
+
+@torch.no_grad()
+def _scan_targets(model, tokenizer, prompts, targets, batch_size, reduce) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`(reduce(logits, target_ids), target_ids)` per pair, with the logits at its target positions."""
     encoder_decoder = is_encoder_decoder(model)
     examples = tokenize_examples(tokenizer, prompts, targets, encoder_decoder)
-    results: list[tuple[list[int], list[int]]] = [([], [])] * len(examples)
+    results: list = [None] * len(examples)
     was_training = model.training
     model.eval()
     try:
         for indices in batches_by_length(examples, batch_size):
             batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), encoder_decoder)
-            predicted = scored_logits(model, batch, encoder_decoder).argmax(-1).cpu()
             mask = batch["labels"] != IGNORE_INDEX
+            target_ids = batch["labels"][mask]
+            reduced = reduce(scored_logits(model, batch, encoder_decoder), target_ids).cpu()
             lengths = mask.sum(1).tolist()
-            for index, row_predictions, row_targets in zip(
-                indices, predicted.split(lengths), batch["labels"][mask].split(lengths), strict=True
+            for index, values, row_targets in zip(
+                indices, reduced.split(lengths), target_ids.split(lengths), strict=True
             ):
-                results[index] = (row_predictions.tolist(), row_targets.tolist())
+                results[index] = (values, row_targets)
     finally:
         model.train(was_training)
     return results
@@ -98,32 +124,99 @@ def locality_predictions(
     return [predicted for predicted, _ in teacher_forced_predictions(model, tokenizer, prompts, answers, batch_size)]
 
 
+DEFAULT_SCORES = ("ES", "GS", "LS")
+SCORES = {
+    "ES": "edit success: teacher-forced token accuracy of the new target on the edit prompts",
+    "GS": "generalization: the same on the rephrasings",
+    "LS": "locality: share of locality answer positions whose argmax is unchanged by the edit",
+    "LS_acc": "locality as accuracy: teacher-forced token accuracy of the dataset's locality answers",
+    "ES_greedy": "greedy exact match: share of edit prompts whose greedy continuation is the new target",
+    "GS_greedy": "the same on the rephrasings",
+    "CF_efficacy": "CounterFact efficacy: share of edit prompts where P(new target) > P(ground truth)",
+    "CF_paraphrase": "CounterFact paraphrase: the same on the rephrasings",
+    "CF_neighborhood": "CounterFact neighborhood: share of locality prompts where P(ground truth) > P(new target)",
+}
+"""Every score [`scores_of_model`] can compute, with what it measures. All are means over facts, in `[0, 1]`."""
+
+
 def scores_of_model(
     model: "PreTrainedModel",
     tokenizer: "PreTrainedTokenizerBase",
     requests: Sequence[EditRequest],
     locality_before: Sequence[Sequence[int]],
     batch_size: int = 32,
+    scores: Sequence[str] = DEFAULT_SCORES,
 ) -> dict[str, float]:
     """
-    The paper's scores of `model` (edited or not) on `requests`:
+    Scores of `model` (edited or not) on `requests`. The paper's three are the default:
 
     - `ES`: mean teacher-forced accuracy of the targets on the edit prompts;
     - `GS`: the same on the rephrasings (requests without any are left out);
     - `LS`: mean share of locality answer positions whose argmax is the one in `locality_before` (see
       [`locality_predictions`], taken on the unedited model).
 
+    [`SCORES`] lists the others: `LS_acc` (locality as accuracy against the dataset's answer), the greedy exact
+    matches `ES_greedy` / `GS_greedy` (what a user sees), and CounterFact's probability comparisons `CF_efficacy`,
+    `CF_paraphrase`, `CF_neighborhood` (requests without a `ground_truth` are left out).
+
     Returns:
-        `dict[str, float]` with `ES`, `GS`, `LS` (`nan` where no request has what the score needs).
+        `dict[str, float]` with the requested `scores` (`nan` where no request has what a score needs).
     """
-    rephrased = [(text, r.target) for r in requests for text in r.rephrases]
-    gs = token_accuracy(model, tokenizer, *zip(*rephrased, strict=True), batch_size) if rephrased else []
-    return {
-        "ES": _mean(token_accuracy(model, tokenizer, [r.prompt for r in requests], [r.target for r in requests],
-                                   batch_size)),
-        "GS": _mean(gs),
-        "LS": _mean(agreement(locality_before, locality_predictions(model, tokenizer, requests, batch_size))),
-    }  # fmt: skip
+    unknown = sorted(set(scores) - set(SCORES))
+    if unknown:
+        raise ValueError(f"unknown scores {unknown}; the known ones are {list(SCORES)}")
+    edit_pairs = [(r.prompt, r.target) for r in requests]
+    rephrase_pairs = [(text, r.target) for r in requests for text in r.rephrases]
+    locality_pairs = [(r.locality_prompt, r.locality_answer) for r in requests if r.locality_prompt is not None]
+    results = {}
+    if "ES" in scores:
+        results["ES"] = _mean(token_accuracy(model, tokenizer, *_columns(edit_pairs), batch_size))
+    if "GS" in scores:
+        results["GS"] = _mean(token_accuracy(model, tokenizer, *_columns(rephrase_pairs), batch_size))
+    if {"LS", "LS_acc"} & set(scores):
+        predictions = teacher_forced_predictions(model, tokenizer, *_columns(locality_pairs), batch_size)
+        if "LS" in scores:
+            results["LS"] = _mean(agreement(locality_before, [predicted for predicted, _ in predictions]))
+        if "LS_acc" in scores:
+            results["LS_acc"] = _mean([_share_equal(predicted, answer) for predicted, answer in predictions])
+    if "ES_greedy" in scores:
+        results["ES_greedy"] = _mean(greedy_exact_match(model, tokenizer, *_columns(edit_pairs), batch_size))
+    if "GS_greedy" in scores:
+        results["GS_greedy"] = _mean(greedy_exact_match(model, tokenizer, *_columns(rephrase_pairs), batch_size))
+    results.update(_counterfact_scores(model, tokenizer, requests, batch_size, [s for s in scores if "CF_" in s]))
+    return {name: results[name] for name in scores}
+
+
+def _columns(pairs: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    return [prompt for prompt, _ in pairs], [answer for _, answer in pairs]
+
+
+def _counterfact_scores(model, tokenizer, requests, batch_size, scores) -> dict[str, float]:
+    """CounterFact's comparisons of P(new target) with P(ground truth), on the requests that have a ground truth."""
+    known = [r for r in requests if r.ground_truth is not None]
+    prompts = {
+        "CF_efficacy": [r.prompt for r in known],
+        "CF_paraphrase": [text for r in known for text in r.rephrases],
+        "CF_neighborhood": [r.locality_prompt for r in known if r.locality_prompt is not None],
+    }
+    facts = {
+        "CF_efficacy": known,
+        "CF_paraphrase": [r for r in known for _ in r.rephrases],
+        "CF_neighborhood": [r for r in known if r.locality_prompt is not None],
+    }
+    results = {}
+    for name in scores:
+        new = target_log_probs(model, tokenizer, prompts[name], [r.target for r in facts[name]], batch_size)
+        true = target_log_probs(model, tokenizer, prompts[name], [r.ground_truth for r in facts[name]], batch_size)
+        # Efficacy and paraphrase ask for the new target to win; the neighborhood asks for the truth to stay ahead.
+        wins = probability_wins(true, new) if name == "CF_neighborhood" else probability_wins(new, true)
+        results[name] = _mean(wins)
+    return results
+
+
+def probability_wins(first: Sequence[float], second: Sequence[float]) -> list[float]:
+    """`1.0` where the log-probability in `first` is above the one in `second`, else `0.0` (CounterFact's scores)."""
+    return [float(a > b) for a, b in zip(first, second, strict=True)]
 
 
 def edit_scores(
@@ -132,12 +225,13 @@ def edit_scores(
     tokenizer: "PreTrainedTokenizerBase",
     requests: Sequence[EditRequest],
     batch_size: int = 32,
+    scores: Sequence[str] = DEFAULT_SCORES,
 ) -> dict[str, float]:
-    """Applies all `requests` at once with `editor`, returns ES / GS / LS (see [`scores_of_model`]), and reverts."""
+    """Applies all `requests` at once with `editor`, returns the `scores` (see [`scores_of_model`]), and reverts."""
     before = locality_predictions(model, tokenizer, requests, batch_size)
     handle = editor.apply_edits(model, requests, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        return scores_of_model(model, tokenizer, requests, before, batch_size)
+        return scores_of_model(model, tokenizer, requests, before, batch_size, scores)
     finally:
         handle.revert()
 
@@ -176,3 +270,62 @@ def greedy_answers(
         tokenizer.padding_side = padding_side
         tokenizer.pad_token = pad_token
     return answers
+
+
+@torch.no_grad()
+def greedy_exact_match(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 32,
+) -> list[float]:
+    """
+    `1.0` for each `(prompt, target)` whose greedy continuation, as many tokens long as the target, reads as the
+    target (what a user sees), else `0.0`. The prompts are the exact token ids the teacher-forced scores use.
+    """
+    encoder_decoder = is_encoder_decoder(model)
+    examples = tokenize_examples(tokenizer, prompts, targets, encoder_decoder)
+    pad_id = pad_id_of(tokenizer)
+    device = model.get_input_embeddings().weight.device
+    matches = [0.0] * len(examples)
+    was_training = model.training
+    model.eval()
+    try:
+        for indices in batches_by_length(examples, batch_size):
+            inputs, answers = zip(*(_prompt_and_answer(examples[i], encoder_decoder) for i in indices), strict=True)
+            input_ids, attention_mask = _pad_prompts(inputs, pad_id, left=not encoder_decoder)
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                max_new_tokens=max(len(ids) for ids in answers),
+                do_sample=False,
+                pad_token_id=pad_id,
+            )
+            # An encoder-decoder's output starts with the decoder start token; a decoder-only one with the prompt.
+            new_tokens = output[:, 1:] if encoder_decoder else output[:, input_ids.shape[1] :]
+            for index, row, answer in zip(indices, new_tokens.tolist(), answers, strict=True):
+                generated = tokenizer.decode(row[: len(answer)], skip_special_tokens=True).strip()
+                matches[index] = float(generated == tokenizer.decode(answer, skip_special_tokens=True).strip())
+    finally:
+        model.train(was_training)
+    return matches
+
+
+def _prompt_and_answer(example, encoder_decoder: bool) -> tuple[list[int], list[int]]:
+    """The prompt's token ids and the target's, from a teacher-forced example."""
+    if encoder_decoder:
+        return example.input_ids, [token for token in example.labels if token != IGNORE_INDEX]
+    first_scored = next(t for t, label in enumerate(example.labels) if label != IGNORE_INDEX)
+    return example.input_ids[: first_scored + 1], example.input_ids[first_scored + 1 :]
+
+
+def _pad_prompts(prompts: Sequence[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pads prompts to one width (on the left for decoder-only models, which continue on the right)."""
+    width = max(len(ids) for ids in prompts)
+    rows, masks = [], []
+    for ids in prompts:
+        padding = [pad_id] * (width - len(ids))
+        rows.append(padding + ids if left else ids + padding)
+        masks.append([0] * len(padding) + [1] * len(ids) if left else [1] * len(ids) + [0] * len(padding))
+    return torch.tensor(rows), torch.tensor(masks)

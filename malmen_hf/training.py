@@ -130,6 +130,33 @@ def meta_gradient(
     )
 
 
+def fit_normalizer(
+    editor: nn.Module,
+    model: "PreTrainedModel",
+    requests: Sequence[EditRequest],
+    tokenizer: "PreTrainedTokenizerBase",
+    *,
+    batch_size: int = 32,
+) -> None:
+    """
+    Merges the keys and value gradients of `model` on `requests` into the editor's running statistics, without
+    training anything else.
+
+    This is what makes an untrained (training-free) editor usable: its blocks are the identity on *normalized*
+    inputs, so its value differences are the standardized gradients only once the statistics are fitted. Training
+    does this at every step (see [`meta_gradient`]); call it once before using an untrained editor.
+    """
+    modules = _checked_modules(editor, model)
+    examples = tokenize_edit_prompts(tokenizer, requests, is_encoder_decoder(model))
+    batches = batches_by_length(examples, batch_size)
+    with contextlib.closing(cached_batches(editor, model, modules, examples, batches, pad_id_of(tokenizer))) as stream:
+        for cached in stream:
+            for name, (keys, value_grads) in cached.items():
+                net, _ = editor.net_for(name)
+                inputs = torch.cat((keys, value_grads), dim=-1)
+                net.normalizer.update(inputs.to(net.normalizer.mean.device))
+
+
 def _cache_all(editor, model, modules, requests, tokenizer, batch_size, pad_id):
     """Every token's key and value gradient per module, on the editor's device and dtype (training needs them)."""
     encoder_decoder = is_encoder_decoder(model)

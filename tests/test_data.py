@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 import socket
@@ -109,9 +110,15 @@ EXPECTED = {
             ("Edwin of Northumbria is affiliated with the religion",),
             "The official religion of Paul is",
             "Christianity",
+            ground_truth="Christianity",
         ),
         EditRequest(
-            "Toko Yasuda, the", "piano", ("Toko Yasuda is incredible at",), "John Lennon performs on the", "guitar"
+            "Toko Yasuda, the",
+            "piano",
+            ("Toko Yasuda is incredible at",),
+            "John Lennon performs on the",
+            "guitar",
+            ground_truth="guitar",
         ),
     ],
     "zsre": [
@@ -121,6 +128,7 @@ EXPECTED = {
             ("What will be the product of UniFirst?",),
             "nq question: john goodman's character in the big lebowski",
             "Walter Sobchak",
+            ground_truth="uniform",
         ),
         EditRequest(
             "In which country did Madeleine Biardeau live?",
@@ -128,6 +136,7 @@ EXPECTED = {
             ("In what country did Madeleine Biardeau live?",),
             "nq question: who is playing the half time super bowl 2018",
             "Justin Timberlake",
+            ground_truth="France",
         ),
     ],
     "fever": [
@@ -158,7 +167,8 @@ EXPECTED = {
         EditRequest("Apple was founded by", "Microsoft"),
     ],
 }
-EXPECTED["zsre_paper"] = EXPECTED["zsre"]
+# The paper's zsRE files have no original answers.
+EXPECTED["zsre_paper"] = [dataclasses.replace(request, ground_truth=None) for request in EXPECTED["zsre"]]
 RECORDS = {"counterfact": COUNTERFACT, "zsre": ZSRE, "zsre_paper": ZSRE_PAPER, "fever": FEVER, "generic": GENERIC}
 # The keys that hold the target and the rephrases in each format.
 TARGET_KEY = {"counterfact": "target_new", "zsre": "alt", "zsre_paper": "ans", "fever": "alt", "generic": "target"}
@@ -385,7 +395,12 @@ def test_shared_public_data(name, fmt):
     assert len(requests) == 50
     for request, record in zip(requests, raw, strict=True):
         assert request == EditRequest(
-            record[keys[0]], record[keys[1]], (record[keys[2]],), record[keys[3]], record[keys[4]]
+            record[keys[0]],
+            record[keys[1]],
+            (record[keys[2]],),
+            record[keys[3]],
+            record[keys[4]],
+            ground_truth=record["ground_truth"] if fmt == "counterfact" else record["answers"][0],
         )
 
 

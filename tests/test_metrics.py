@@ -1,7 +1,19 @@
+import pytest
 import torch
 
 from malmen_hf import EditRequest, MalmenEditorModel
-from malmen_hf.metrics import agreement, edit_scores, greedy_answers, token_accuracy
+from malmen_hf.facts import pad_id_of, tokenize_examples
+from malmen_hf.metrics import (
+    SCORES,
+    agreement,
+    edit_scores,
+    greedy_answers,
+    greedy_exact_match,
+    locality_predictions,
+    scores_of_model,
+    target_log_probs,
+    token_accuracy,
+)
 
 
 def test_token_accuracy_matches_a_hand_computation(gpt2):
@@ -53,3 +65,97 @@ def test_edit_scores_revert_the_edit(gpt2):
     editor = MalmenEditorModel.for_model(model, rank=4, lr_init=1.0)
     edit_scores(editor, model, tokenizer, [EditRequest("Apple was founded by", "Microsoft")])
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_target_log_probs_match_a_hand_computation(gpt2):
+    model, tokenizer = gpt2
+    prompts, targets = ["The capital of France is", "Apple was founded by"], ["Paris, France", "Steve Jobs"]
+    expected = []
+    for prompt, target in zip(prompts, targets, strict=True):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        full_ids = tokenizer(f"{prompt} {target}")["input_ids"]
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(torch.tensor([full_ids])).logits[0], -1)
+        expected.append(torch.stack([log_probs[t - 1, full_ids[t]] for t in range(len(prompt_ids), len(full_ids))]))
+    got = target_log_probs(model, tokenizer, prompts, targets)
+    assert got == pytest.approx([float(values.mean()) for values in expected], abs=1e-5)
+
+
+def _greedy_one_at_a_time(model, tokenizer, prompt, target):
+    """The reference: one unpadded prompt, `generate`, and the decoded text compared with the target's tokens."""
+    example = tokenize_examples(tokenizer, [prompt], [target], model.config.is_encoder_decoder)[0]
+    if model.config.is_encoder_decoder:
+        prompt_ids, answer = example.input_ids, [t for t in example.labels if t != -100]
+    else:
+        start = next(t for t, label in enumerate(example.labels) if label != -100) + 1
+        prompt_ids, answer = example.input_ids[:start], example.input_ids[start:]
+    output = model.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=len(answer), do_sample=False, pad_token_id=pad_id_of(tokenizer)
+    )
+    new_tokens = output[0, 1:] if model.config.is_encoder_decoder else output[0, len(prompt_ids) :]
+    generated = tokenizer.decode(new_tokens[: len(answer)], skip_special_tokens=True).strip()
+    return float(generated == tokenizer.decode(answer, skip_special_tokens=True).strip()), generated
+
+
+def test_greedy_exact_match_batched_equals_one_prompt_at_a_time(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    prompts = ["The capital of France is", "Apple", "Toko Yasuda, the famous player of the"]
+    # Targets the model does continue with (its own greedy text), and ones it does not.
+    own = [_greedy_one_at_a_time(model, tokenizer, prompt, "x y z")[1] or "x" for prompt in prompts]
+    pairs = [(p, t) for p, t in zip(prompts, own, strict=True)] + [(p, "Berlin Wall") for p in prompts]
+    expected = [_greedy_one_at_a_time(model, tokenizer, prompt, target)[0] for prompt, target in pairs]
+    got = greedy_exact_match(model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs], batch_size=4)
+    assert got == expected
+    assert 1.0 in expected or model.config.model_type != "gpt2"  # the GPT-2 tokenizer round-trips its own text
+
+
+def test_scores_of_the_unedited_model_against_independent_computations(gpt2):
+    model, tokenizer = gpt2
+    requests = [
+        EditRequest(
+            "The capital of France is",
+            "Berlin",
+            ("France's capital is",),
+            "Apple was founded by",
+            "Steve",
+            ground_truth="Paris",
+        ),  # fmt: skip
+        EditRequest("Toko Yasuda plays the", "piano", (), "The Louvre is in", "Paris", ground_truth="guitar"),
+        EditRequest("Apple was founded by", "Bill Gates"),  # no ground truth: left out of the CF scores
+    ]
+    before = locality_predictions(model, tokenizer, requests)
+    scores = scores_of_model(model, tokenizer, requests, before, scores=list(SCORES))
+    assert list(scores) == list(SCORES)
+    assert scores["LS"] == 1.0
+    loc = [("Apple was founded by", "Steve"), ("The Louvre is in", "Paris")]
+    assert scores["LS_acc"] == pytest.approx(sum(token_accuracy(model, tokenizer, *zip(*loc, strict=True))) / 2)
+
+    def wins(prompt, first, second):
+        a, b = target_log_probs(model, tokenizer, [prompt, prompt], [first, second])
+        return float(a > b)
+
+    assert scores["CF_efficacy"] == pytest.approx(
+        (wins("The capital of France is", "Berlin", "Paris") + wins("Toko Yasuda plays the", "piano", "guitar")) / 2
+    )
+    assert scores["CF_paraphrase"] == wins("France's capital is", "Berlin", "Paris")
+    assert scores["CF_neighborhood"] == pytest.approx(
+        (wins("Apple was founded by", "Paris", "Berlin") + wins("The Louvre is in", "guitar", "piano")) / 2
+    )
+    greedy = greedy_exact_match(model, tokenizer, [r.prompt for r in requests], [r.target for r in requests])
+    assert scores["ES_greedy"] == pytest.approx(sum(greedy) / 3)
+
+
+def test_an_unknown_score_is_refused(gpt2):
+    model, tokenizer = gpt2
+    with pytest.raises(ValueError, match=r"unknown scores \['XS'\].*'ES'"):
+        scores_of_model(model, tokenizer, [EditRequest("a", "b")], [], scores=["ES", "XS"])
+
+
+def test_an_edit_moves_the_counterfact_score(gpt2):
+    model, tokenizer = gpt2
+    requests = [EditRequest("The capital of France is", "Berlin", ("France's capital is",), ground_truth="Paris")]
+    editor = MalmenEditorModel.for_model(model, rank=4, lr_init=1.0, n_blocks=0)
+    before = scores_of_model(model, tokenizer, requests, [], scores=["CF_efficacy", "ES"])
+    after = edit_scores(editor, model, tokenizer, requests, scores=["CF_efficacy", "ES"])
+    assert before["CF_efficacy"] == 0.0 and after["CF_efficacy"] == 1.0
+    assert after["ES"] > before["ES"]

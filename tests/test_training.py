@@ -6,7 +6,7 @@ from transformers.pytorch_utils import Conv1D
 from malmen_hf import EditRequest, MalmenEditorModel
 from malmen_hf.caching import cache_keys_and_value_grads, frozen
 from malmen_hf.facts import collate, pad_id_of, tokenize_examples
-from malmen_hf.training import meta_gradient
+from malmen_hf.training import fit_normalizer, meta_gradient
 
 REQUESTS = [
     EditRequest("The Eiffel Tower is located in", "Rome", ("The Eiffel Tower is in",), "The Colosseum is in", "Rome"),
@@ -135,3 +135,25 @@ def test_normalizer_statistics_match_the_data():
     torch.testing.assert_close(normalizer.mean, data.mean(0))
     torch.testing.assert_close(normalizer.var, data.var(0, unbiased=False))
     assert normalizer.count == 100
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, len(REQUESTS)])
+def test_fit_normalizer_matches_the_statistics_of_every_cached_token(gpt2, batch_size):
+    model, tokenizer = gpt2
+    editor = MalmenEditorModel.for_model(model, rank=4, lr_init=0.1)
+    modules = {name: model.get_submodule(name) for name in editor.config.edit_modules}
+    examples = tokenize_examples(tokenizer, [r.prompt for r in REQUESTS], [r.target for r in REQUESTS], False)
+    with frozen(model), torch.enable_grad():
+        cached = cache_keys_and_value_grads(model, modules, collate(examples, pad_id_of(tokenizer), False), False)
+    rows = torch.cat([torch.cat(pair, dim=-1) for pair in cached.values()]).double()  # all layers share one net
+    weights_before = {name: param.clone() for name, param in editor.state_dict().items() if "normalizer" not in name}
+
+    fit_normalizer(editor, model, REQUESTS, tokenizer, batch_size=batch_size)
+
+    normalizer = editor.nets["128x32"].normalizer
+    assert normalizer.count == rows.shape[0]
+    torch.testing.assert_close(normalizer.mean.double(), rows.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(normalizer.var.double(), rows.var(0, unbiased=False), rtol=1e-4, atol=1e-6)
+    for name, tensor in weights_before.items():
+        assert torch.equal(editor.state_dict()[name], tensor), name
+    assert all(param.grad is None for param in model.parameters())
