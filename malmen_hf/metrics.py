@@ -1,6 +1,7 @@
 """How well edits took: ES / GS / LS as the paper reports them, and greedy answers (what a user sees)."""
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -104,6 +105,28 @@ def token_accuracy(
 def agreement(before: Sequence[Sequence[int]], after: Sequence[Sequence[int]]) -> list[float]:
     """Per example, the share of positions whose argmax token is the same before and after an edit (the paper's LS)."""
     return [_share_equal(a, b) for a, b in zip(before, after, strict=True)]
+
+
+def token_match_scores(predictions: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> dict[str, float]:
+    """
+    `accuracy`: the mean share of positions where `predictions` match `references`, sequence by sequence (ES, GS and
+    LS are this, see [`SCORES`]); `exact_match`: the share of sequences that match everywhere. What the
+    `edit_accuracy` evaluate module computes.
+    """
+    shares = [_share_equal(predicted, reference) for predicted, reference in zip(predictions, references, strict=True)]
+    return {"accuracy": _mean(shares), "exact_match": _mean([float(share == 1.0) for share in shares])}
+
+
+def evaluate_module_path(name: str) -> str:
+    """
+    The folder of one of the `evaluate` modules shipped with malmen-hf (`"edit_accuracy"`, `"counterfact_score"`),
+    for `evaluate.load(evaluate_module_path(name))`, which works offline.
+    """
+    path = Path(__file__).parent / "metric_modules" / name
+    if not (path / f"{name}.py").is_file():
+        known = sorted(folder.name for folder in path.parent.iterdir() if folder.is_dir())
+        raise ValueError(f"no evaluate module {name!r} in malmen-hf; the modules are {known}")
+    return str(path)
 
 
 def _share_equal(first: Sequence[int], second: Sequence[int]) -> float:

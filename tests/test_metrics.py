@@ -1,3 +1,5 @@
+import socket
+
 import pytest
 import torch
 
@@ -7,12 +9,14 @@ from malmen_hf.metrics import (
     SCORES,
     agreement,
     edit_scores,
+    evaluate_module_path,
     greedy_answers,
     greedy_exact_match,
     locality_predictions,
     scores_of_model,
     target_log_probs,
     token_accuracy,
+    token_match_scores,
 )
 
 
@@ -159,3 +163,25 @@ def test_an_edit_moves_the_counterfact_score(gpt2):
     after = edit_scores(editor, model, tokenizer, requests, scores=["CF_efficacy", "ES"])
     assert before["CF_efficacy"] == 0.0 and after["CF_efficacy"] == 1.0
     assert after["ES"] > before["ES"]
+
+
+def test_the_evaluate_modules_load_offline_and_agree_with_the_functions(monkeypatch):
+    import evaluate
+
+    lookups = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *args, **kwargs: lookups.append(host) or [])
+    accuracy = evaluate.load(evaluate_module_path("edit_accuracy"))
+    predictions, references = [[1, 2, 3], [4], [5, 6]], [[1, 0, 3], [4], [7, 8]]
+    assert accuracy.compute(predictions=predictions, references=references) == {
+        "accuracy": pytest.approx((2 / 3 + 1 + 0) / 3),
+        "exact_match": pytest.approx(1 / 3),
+    }
+    assert token_match_scores(predictions, references)["accuracy"] == pytest.approx(
+        sum(agreement(predictions, references)) / 3
+    )
+    counterfact = evaluate.load(evaluate_module_path("counterfact_score"))
+    result = counterfact.compute(predictions=[-1.0, -3.0, -0.5], references=[-2.0, -2.0, -0.5])
+    assert result == {"score": pytest.approx(1 / 3), "mean_margin": pytest.approx(0.0)}
+    assert lookups == []
+    with pytest.raises(ValueError, match=r"no evaluate module 'bleu'.*counterfact_score"):
+        evaluate_module_path("bleu")
