@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import json
 import re
 import sys
 import time
@@ -11,7 +12,7 @@ import torch
 
 from .data import FORMATS, load_edit_requests
 from .facts import EditRequest
-from .metrics import greedy_answers, locality_predictions, scores_of_model
+from .metrics import SCORES, greedy_answers, locality_predictions, scores_of_model
 from .modeling_malmen import MalmenEditorModel
 from .models import load_model_and_tokenizer
 from .trainer import MalmenTrainingArguments, train_editor
@@ -115,6 +116,38 @@ def train(args: argparse.Namespace) -> None:
     train_editor(editor, model, tokenizer, requests, MalmenTrainingArguments(**options), eval_requests)
 
 
+def evaluate_editor(args: argparse.Namespace) -> None:
+    """Scores a model on N facts before and after editing them all at once with an editor; prints a table or JSON."""
+    torch.manual_seed(0)
+    requests = load_edit_requests(args.data, args.format, limit=args.offset + args.num_facts)[args.offset :]
+    if len(requests) < args.num_facts:
+        raise ValueError(
+            f"{args.data} has {len(requests) + args.offset} records, fewer than --offset + --num-facts "
+            f"({args.offset} + {args.num_facts})"
+        )
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    locality_before = locality_predictions(model, tokenizer, requests, args.batch_size)
+    results = {"model": args.model, "editor": args.editor, "data": str(args.data), "num_facts": len(requests)}
+    results["before"] = scores_of_model(model, tokenizer, requests, locality_before, args.batch_size, args.scores)
+    if args.editor:
+        editor = MalmenEditorModel.from_pretrained(args.editor)
+        start = time.perf_counter()
+        handle = editor.apply_edits(model, requests, tokenizer=tokenizer, batch_size=args.batch_size)
+        results["edit_seconds"] = time.perf_counter() - start
+        results["after"] = scores_of_model(model, tokenizer, requests, locality_before, args.batch_size, args.scores)
+        handle.revert()
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    header = ["score", "before"] + (["after"] if args.editor else [])
+    rows = [
+        [name] + [f"{results[when][name]:.3f}" for when in ("before", "after") if when in results]
+        for name in args.scores
+    ]
+    edited = f", edited in {results['edit_seconds']:.1f} s" if args.editor else " (no editor: unedited model only)"
+    print(f"{len(requests)} facts from {args.data}{edited}\n" + _table(header, rows, width=16))
+
+
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per field of `MalmenTrainingArguments`, documented by its docstring."""
     entry = re.compile(r"^ {8}(\w+) \(.*?\): (.*(?:\n {12}.*)*)", re.M)  # "name (`type`, ...): text"
@@ -172,6 +205,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_training_arguments(train_parser)
     train_parser.set_defaults(run=train)
+
+    eval_parser = commands.add_parser(
+        "eval", help="score a model on N facts before and after editing them all at once with an editor"
+    )
+    eval_parser.add_argument("--model", default="smollm2-135m", help="short name, local folder or Hub id")
+    eval_parser.add_argument("--editor", help="a saved editor (folder or Hub id); without it the unedited model only")
+    eval_parser.add_argument("--data", default=str(DEFAULT_DATA), help="facts to edit (JSON or JSONL)")
+    eval_parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="format of the data file")
+    eval_parser.add_argument("--num-facts", type=int, default=100, help="facts edited at once (N)")
+    eval_parser.add_argument("--offset", type=int, default=0, help="records of the file to skip first")
+    eval_parser.add_argument("--batch-size", type=int, default=32, help="facts per base-model pass")
+    eval_parser.add_argument(
+        "--scores",
+        nargs="+",
+        choices=list(SCORES),
+        default=list(SCORES),
+        metavar="SCORE",
+        help="scores to compute (default: all): " + "; ".join(f"{name}: {text}" for name, text in SCORES.items()),
+    )
+    eval_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    eval_parser.set_defaults(run=evaluate_editor)
     return parser
 
 

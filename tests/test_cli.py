@@ -1,0 +1,89 @@
+import json
+
+import pytest
+
+from malmen_hf import MalmenEditorModel, load_edit_requests
+from malmen_hf.cli import main
+from malmen_hf.metrics import SCORES, edit_scores, locality_predictions, scores_of_model
+from tests import tiny
+
+RECORDS = [
+    {
+        "prompt": "The official religion of Edwin of Northumbria is",
+        "target_new": "Islam",
+        "ground_truth": "Christianity",
+        "rephrase_prompt": "Edwin of Northumbria is affiliated with the religion",
+        "locality_prompt": "The official religion of Paul is",
+        "locality_ground_truth": "Christianity",
+    },
+    {
+        "prompt": "Toko Yasuda, the",
+        "target_new": "piano",
+        "ground_truth": "guitar",
+        "rephrase_prompt": "Toko Yasuda is incredible at",
+        "locality_prompt": "John Lennon performs on the",
+        "locality_ground_truth": "guitar",
+    },
+    {
+        "prompt": "Autonomous University of Madrid, which is located in",
+        "target_new": "Sweden",
+        "ground_truth": "Spain",
+        "rephrase_prompt": "Autonomous University of Madrid is located in",
+        "locality_prompt": "Biure, which is located in",
+        "locality_ground_truth": "Spain",
+    },
+]
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A tiny model folder, an editor for it and a CounterFact file, all on disk."""
+    tokenizer = tiny.gpt2_tokenizer()
+    model = tiny.gpt2_model(len(tokenizer))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    MalmenEditorModel.for_model(model, rank=4, lr_init=0.5).save_pretrained(tmp_path / "editor")
+    (tmp_path / "cf.json").write_text(json.dumps(RECORDS))
+    return tmp_path, model, tokenizer
+
+
+def test_eval_prints_the_scores_of_an_independent_computation(saved, capsys):
+    folder, model, tokenizer = saved
+    main([
+        "eval", "--model", str(folder / "model"), "--editor", str(folder / "editor"),
+        "--data", str(folder / "cf.json"), "--num-facts", "2", "--offset", "1", "--json",
+    ])  # fmt: skip
+    results = json.loads(capsys.readouterr().out)
+    requests = load_edit_requests(folder / "cf.json")[1:3]
+    before = locality_predictions(model, tokenizer, requests)
+    editor = MalmenEditorModel.from_pretrained(folder / "editor")
+    assert results["num_facts"] == 2
+    assert results["before"] == pytest.approx(scores_of_model(model, tokenizer, requests, before, scores=list(SCORES)))
+    assert results["after"] == pytest.approx(edit_scores(editor, model, tokenizer, requests, scores=list(SCORES)))
+
+
+def test_eval_table_without_an_editor(saved, capsys):
+    folder, _, _ = saved
+    main([
+        "eval", "--model", str(folder / "model"), "--data", str(folder / "cf.json"), "--num-facts", "3",
+        "--scores", "ES", "LS",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "3 facts from" in out and "unedited model only" in out
+    assert [line.split()[0] for line in out.splitlines()[-2:]] == ["ES", "LS"]
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--num-facts", "5"], "has 3 records, fewer than --offset + --num-facts"),
+        (["--data", "missing.json"], "missing.json"),
+    ],
+)
+def test_eval_bad_input_exits_with_a_one_line_error(saved, capsys, arguments, message):
+    folder, _, _ = saved
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--model", str(folder / "model"), "--data", str(folder / "cf.json"), *arguments])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]  # after any progress bar
+    assert error.startswith("malmen-hf eval: error:") and message in error
