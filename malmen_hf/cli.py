@@ -17,13 +17,23 @@ from .modeling_malmen import MalmenEditorModel
 from .models import load_model_and_tokenizer
 from .trainer import MalmenTrainingArguments, train_editor
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "edit.json"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
+# The editor trained for the demo's model and committed with the repository (see its model card).
+SHIPPED_EDITOR = REPO_ROOT / "editors" / "malmen-smollm2-135m-counterfact"
 HAND_WRITTEN_FACTS = [
     EditRequest("The Eiffel Tower is located in the city of", "Rome"),
     EditRequest("The capital of Japan is", "Madrid"),
     EditRequest("The CEO of the company malmen-hf is", "Ada Lovelace"),
 ]
 # The training-free editor's settings for SmolLM2-135M, chosen on the first facts of counterfact/train.json.
+DEMO_SCORES = {
+    "ES": "edit success",
+    "GS": "generalization",
+    "LS": "locality (argmax unchanged)",
+    "ES_greedy": "greedy answer is the new target",
+    "GS_greedy": "the same, rephrased",
+}
 TRAINING_FREE_LR = 3e-3
 TRAINING_FREE_LAMBDA = 0.0
 
@@ -33,7 +43,7 @@ def demo(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     print(f"Loading {args.model} ...", flush=True)
     model, tokenizer = load_model_and_tokenizer(args.model)
-    if args.editor:
+    if args.editor != "training-free" and (args.editor != str(SHIPPED_EDITOR) or SHIPPED_EDITOR.is_dir()):
         editor = MalmenEditorModel.from_pretrained(args.editor)
         print(f"Editor: {args.editor}")
     else:
@@ -49,14 +59,16 @@ def demo(args: argparse.Namespace) -> None:
     shown = HAND_WRITTEN_FACTS + requests[: args.show]
     editor.attach(model, tokenizer)
 
+    print(f"Scoring the unedited model on {len(requests)} facts ...", flush=True)
     before = greedy_answers(model, tokenizer, [request.prompt for request in shown])
     locality_before = locality_predictions(model, tokenizer, requests)
-    scores_before = scores_of_model(model, tokenizer, requests, locality_before)
+    scores_before = scores_of_model(model, tokenizer, requests, locality_before, scores=list(DEMO_SCORES))
     start = time.perf_counter()
-    handle = model.apply_edits(requests, batch_size=args.batch_size)
+    handle = model.apply_edits(requests, batch_size=args.batch_size, progress=True)
     seconds = time.perf_counter() - start
+    print("Scoring the edited model ...", flush=True)
     after = greedy_answers(model, tokenizer, [request.prompt for request in shown])
-    scores_after = scores_of_model(model, tokenizer, requests, locality_before)
+    scores_after = scores_of_model(model, tokenizer, requests, locality_before, scores=list(DEMO_SCORES))
 
     timings = handle.timings
     print(
@@ -66,8 +78,10 @@ def demo(args: argparse.Namespace) -> None:
     )
     rows = [[r.prompt, r.target, b, a] for r, b, a in zip(shown, before, after, strict=True)]
     print(_table(["prompt", "new target", "answer before", "answer after"], rows))
-    names = {"ES": "edit success", "GS": "generalization", "LS": "locality (argmax unchanged)"}
-    rows = [[f"{names[key]} ({key})", f"{scores_before[key]:.3f}", f"{scores_after[key]:.3f}"] for key in names]
+    rows = [
+        [f"{name} ({key})", f"{scores_before[key]:.3f}", f"{scores_after[key]:.3f}"]
+        for key, name in DEMO_SCORES.items()
+    ]
     print("\n" + _table(["score over all edited facts", "before", "after"], rows))
 
     model.revert_edits()
@@ -173,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="edit a real model with CounterFact facts, show it, revert it")
     demo_parser.add_argument("--model", default="smollm2-135m", help="short name, local folder or Hub id")
-    demo_parser.add_argument("--editor", help="a saved editor (folder or Hub id); default: the training-free editor")
+    demo_parser.add_argument(
+        "--editor",
+        default=str(SHIPPED_EDITOR),
+        help="a saved editor (folder or Hub id), or 'training-free'; default: the editor shipped for SmolLM2-135M",
+    )
     demo_parser.add_argument("--data", default=str(DEFAULT_DATA), help="CounterFact JSON (simplified form)")
     demo_parser.add_argument("--num-facts", type=int, default=300, help="CounterFact records to edit at once")
     demo_parser.add_argument("--show", type=int, default=5, help="CounterFact edits to print before/after")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .caching import cache_keys_and_value_grads, frozen
 from .facts import (
@@ -92,6 +93,7 @@ def apply_edits(
     tokenizer: "PreTrainedTokenizerBase",
     batch_size: int = 32,
     editor_batch_size: int = 1024,
+    progress: bool = False,
 ) -> EditHandle:
     """Functional form of [`MalmenEditorModel.apply_edits`]."""
     requests = as_edit_requests(facts)
@@ -107,8 +109,13 @@ def apply_edits(
     sums = _NormalEquationSums(editor, modules)
     start = time.perf_counter()
     # closing(): if the hyper-network fails mid-way, the model's flags and mode are restored before the error leaves.
-    with contextlib.closing(cached_batches(editor, model, modules, examples, batches, pad_id_of(tokenizer))) as stream:
+    stream = cached_batches(editor, model, modules, examples, batches, pad_id_of(tokenizer))
+    with (
+        contextlib.closing(stream),
+        tqdm(total=len(batches), desc="Editing", unit="batch", disable=not progress) as bar,
+    ):
         for cached in stream:
+            bar.update(1)
             timings["caching"] += time.perf_counter() - start
             start = time.perf_counter()
             with torch.no_grad():

@@ -209,6 +209,7 @@ class MalmenEditorModel(MalmenPreTrainedModel):
         tokenizer: "PreTrainedTokenizerBase",
         batch_size: int = 32,
         editor_batch_size: int = 1024,
+        progress: bool = False,
     ) -> EditHandle:
         """
         Edits `model` in place so that it answers each fact's prompt with its target, with one least-squares (or
@@ -225,13 +226,21 @@ class MalmenEditorModel(MalmenPreTrainedModel):
                 Facts per forward/backward pass of the base model. Does not change the result.
             editor_batch_size (`int`, defaults to 1024):
                 Token positions per pass of the hyper-network. Does not change the result.
+            progress (`bool`, defaults to `False`):
+                Show a progress bar over the base-model batches.
 
         Returns:
             [`EditHandle`]: what changed (modules, shift norms, number of facts and tokens, timings); its `revert()`
             restores the weights bit for bit. Nothing is changed when an error is raised.
         """
         return apply_edits(
-            self, model, facts, tokenizer=tokenizer, batch_size=batch_size, editor_batch_size=editor_batch_size
+            self,
+            model,
+            facts,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            editor_batch_size=editor_batch_size,
+            progress=progress,
         )
 
     def attach(self, model: PreTrainedModel, tokenizer: "PreTrainedTokenizerBase") -> PreTrainedModel:
