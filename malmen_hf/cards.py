@@ -1,0 +1,114 @@
+"""Model cards of editors: the Jinja template in `model_cards/`, rendered with `huggingface_hub.ModelCard`."""
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .metrics import SCORES
+from .models import OFFLINE_MODELS
+
+if TYPE_CHECKING:
+    from .modeling_malmen import MalmenEditorModel
+
+TEMPLATE_NAME = "editor_card.md"
+TAGS = ["model-editing", "knowledge-editing", "malmen", "malmen-hf"]
+# The training settings worth a row in the card (the rest, such as output_dir, says nothing about the editor).
+TRAINING_ROWS = (
+    "facts_per_step", "batch_size", "meta_lr", "c_loc", "max_grad_norm", "steps", "num_train_facts",
+    "num_processes", "mixed_precision", "seed", "best_score",
+)  # fmt: skip
+
+
+def template_path() -> Path:
+    """The editor card template: inside the installed package, or in the repository's `model_cards/`."""
+    for folder in (Path(__file__).parent / "model_cards", Path(__file__).resolve().parents[1] / "model_cards"):
+        if (folder / TEMPLATE_NAME).is_file():
+            return folder / TEMPLATE_NAME
+    raise FileNotFoundError(f"The model card template {TEMPLATE_NAME} is missing from this installation of malmen-hf")
+
+
+def editor_card(
+    editor: "MalmenEditorModel",
+    results: Sequence[Mapping[str, Any]] = (),
+    *,
+    editor_id: str = "path/to/editor",
+    dataset: str | None = None,
+    results_command: str | None = None,
+    license: str = "apache-2.0",
+) -> ModelCard:
+    """
+    The model card of `editor`: metadata (`library_name`, `base_model`, `datasets`, `license`, tags, and a
+    `model-index` with one result per score and N), usage, the editor's settings, its results and training settings.
+
+    Args:
+        editor ([`MalmenEditorModel`]): The editor; its config gives the base model, layers and training settings.
+        results (sequence of `dict`): Rows `{"n": N, "ES": ..., "GS": ..., ...}` with any of the names in
+            [`~metrics.SCORES`], e.g. what `malmen-hf eval --json` prints under `"after"`, plus `"n"`.
+        editor_id (`str`): The Hub id or folder users load the editor from, for the usage snippet.
+        dataset (`str`, *optional*): The Hub id or name of the data the results were measured on.
+        results_command (`str`, *optional*): The command that measured the results.
+        license (`str`, defaults to `"apache-2.0"`): The editor's license.
+    """
+    config = editor.config
+    base_model = config.base_model_name_or_path or "unknown"
+    offline = OFFLINE_MODELS.get(base_model)
+    hub_base_model = offline.hub_id if offline is not None else base_model
+    score_names = [name for name in SCORES if any(row.get(name) is not None for row in results)]
+    training = {key: config.training[key] for key in TRAINING_ROWS if key in (config.training or {})}
+    card_data = ModelCardData(
+        library_name="malmen-hf",
+        base_model=hub_base_model if "/" in hub_base_model else None,
+        datasets=[dataset] if dataset else None,
+        license=license,
+        tags=TAGS + [config.aggregation.replace("_", "-")],
+        model_name=editor_id,
+        eval_results=_eval_results(results, score_names, dataset or "unknown") or None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path()),
+        title=f"MALMEN editor for {hub_base_model}",
+        base_model=hub_base_model,
+        base_model_url=f"https://huggingface.co/{hub_base_model}" if "/" in hub_base_model else hub_base_model,
+        base_model_load_name=base_model,
+        editor_id=editor_id,
+        config=config,
+        results_table=_markdown_table(
+            ["N", *score_names],
+            [[str(row["n"]), *(_number(row.get(name)) for name in score_names)] for row in results],
+        ),
+        results_dataset=dataset or "the evaluation data",
+        results_command=results_command,
+        training_table=_markdown_table(["setting", "value"], [[key, f"`{value}`"] for key, value in training.items()]),
+    )
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return ""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _eval_results(results, score_names, dataset) -> list[EvalResult]:
+    return [
+        EvalResult(
+            task_type="model-editing",
+            task_name="Model editing",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_config=f"N={row['n']}",  # one model-index entry per number of facts edited at once
+            metric_type=name,
+            metric_name=f"{name} (N={row['n']})",
+            metric_value=round(float(row[name]), 4),
+        )
+        for row in results
+        for name in score_names
+        if row.get(name) is not None
+    ]

@@ -1,0 +1,38 @@
+from huggingface_hub import ModelCard
+
+from malmen_hf import MalmenEditorModel
+from malmen_hf.cards import editor_card
+
+RESULTS = [{"n": 1, "ES": 1.0, "GS": 0.5, "LS": 0.875}, {"n": 100, "ES": 0.91, "GS": 0.25, "LS": None}]
+
+
+def test_editor_card_metadata_and_tables(gpt2, tmp_path):
+    model, _ = gpt2
+    editor = MalmenEditorModel.for_model(model, rank=4, base_model_name_or_path="smollm2-135m")
+    editor.config.training = {"facts_per_step": 32, "meta_lr": 5e-5, "output_dir": "runs/x"}
+    card = editor_card(editor, RESULTS, editor_id="org/editor", dataset="counterfact", results_command="make bench")
+
+    card.save(tmp_path / "README.md")
+    data = ModelCard.load(tmp_path / "README.md").data.to_dict()  # the YAML metadata survives a round trip
+    assert data["library_name"] == "malmen-hf"
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"  # the short name's Hub id
+    assert data["datasets"] == ["counterfact"] and data["license"] == "apache-2.0"
+    assert {"model-editing", "malmen", "least-squares"} <= set(data["tags"])
+    index = data["model-index"][0]
+    assert index["name"] == "org/editor"
+    metrics = {(r["dataset"]["config"], m["type"]): m["value"] for r in index["results"] for m in r["metrics"]}
+    assert metrics == {("N=1", "ES"): 1.0, ("N=1", "GS"): 0.5, ("N=1", "LS"): 0.875, ("N=100", "ES"): 0.91,
+                       ("N=100", "GS"): 0.25}  # fmt: skip
+
+    text = card.content
+    assert "| N | ES | GS | LS |" in text and "| 100 | 0.910 | 0.250 |  |" in text
+    assert "| facts_per_step | `32` |" in text and "output_dir" not in text
+    assert 'MalmenEditorModel.from_pretrained("org/editor")' in text
+    assert "Measured with `make bench`" in text
+
+
+def test_editor_card_without_results_or_training(gpt2):
+    model, _ = gpt2
+    card = editor_card(MalmenEditorModel.for_model(model, rank=4))
+    assert "model-index" not in card.data.to_dict()
+    assert "## Results" not in card.content and "## Training" not in card.content
