@@ -101,12 +101,12 @@ def run_floor(model: nn.Module, facts, tokenizer, batch_size: int, device: torch
     try:
         with PeakMemory(device) as memory:
             start = time.perf_counter()
-            examples = tokenize_examples(tokenizer, [p for p, _ in facts], [t for _, t in facts], False)
+            examples = tokenize_examples(tokenizer, [p for p, _ in facts], [t for _, t in facts], "causal")
             batches = batches_by_length(examples, batch_size)
             pad_id = pad_id_of(tokenizer)
             input_tokens = padded_tokens = 0
             for indices in batches:
-                batch = collate([examples[i] for i in indices], pad_id, False)
+                batch = collate([examples[i] for i in indices], pad_id, "causal")
                 input_tokens += int(batch["attention_mask"].sum())
                 padded_tokens += batch["input_ids"].numel()
                 model.zero_grad(set_to_none=True)

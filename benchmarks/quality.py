@@ -212,7 +212,7 @@ def constrained_fine_tuning(model, tokenizer, requests, layers, args) -> Callabl
     """
     weights = [model.get_submodule(name).weight for name in layers]
     originals = [weight.detach().clone() for weight in weights]
-    examples = tokenize_edit_prompts(tokenizer, requests, False)
+    examples = tokenize_edit_prompts(tokenizer, requests, "causal")
     batches = batches_by_length(examples, args.batch_size)
     optimizer = torch.optim.Adam(weights, lr=args.ft_lr)
     with frozen(model):  # every parameter frozen and restored afterwards; only the edited weights are trained here
@@ -221,10 +221,10 @@ def constrained_fine_tuning(model, tokenizer, requests, layers, args) -> Callabl
         for _ in range(args.ft_steps):
             optimizer.zero_grad(set_to_none=True)
             for indices in batches:
-                batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), False)
+                batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), "causal")
                 with torch.enable_grad():
                     labels = batch["labels"]
-                    logits = scored_logits(model, batch, False)
+                    logits = scored_logits(model, batch, "causal")
                     loss = per_fact_loss(logits, labels[labels != IGNORE_INDEX], rows_of_scored_tokens(labels))
                     (loss / len(requests)).backward()
             optimizer.step()

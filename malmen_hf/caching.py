@@ -3,12 +3,16 @@
 import contextlib
 import inspect
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .facts import IGNORE_INDEX
 from .functional import at_least_float32
+
+if TYPE_CHECKING:
+    from .facts import ModelKind
 
 
 def per_fact_mean(
@@ -51,17 +55,22 @@ def rows_of_scored_tokens(labels: torch.Tensor) -> torch.Tensor:
     return torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)[mask]
 
 
-def scored_logits(model: nn.Module, batch: dict[str, torch.Tensor], is_encoder_decoder: bool) -> torch.Tensor:
+def scored_logits(model: nn.Module, batch: dict[str, torch.Tensor], kind: "ModelKind") -> torch.Tensor:
     """
     The logits at the scored positions of a collated batch (`labels != -100`), flattened to `(n, vocab)`.
 
     For causal models the language-model head runs on those positions only (`logits_to_keep` with a boolean mask),
-    which saves most of the head's cost.
+    which saves most of the head's cost. A one-logit classifier's logit `z` becomes the two-class logits `(0, z)`
+    (REFUTES, SUPPORTS): their softmax is `(1 - sigmoid(z), sigmoid(z))`, so the cross-entropy is the binary
+    cross-entropy, the KL divergence the Bernoulli one, and the argmax the predicted label.
     """
     device = model.get_input_embeddings().weight.device
     label_mask = batch["labels"] != IGNORE_INDEX
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-    if is_encoder_decoder:
+    if kind == "classifier":
+        logits = model(**inputs).logits  # (batch, 1)
+        return torch.cat((torch.zeros_like(logits), logits), dim=-1)
+    if kind == "seq2seq":
         inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"].to(device))
         inputs["decoder_attention_mask"] = batch["decoder_attention_mask"].to(device)
     elif "logits_to_keep" in inspect.signature(model.forward).parameters:
@@ -105,7 +114,7 @@ def cache_keys_and_value_grads(
     model: nn.Module,
     modules: dict[str, nn.Module],
     batch: dict[str, torch.Tensor],
-    is_encoder_decoder: bool,
+    kind: "ModelKind",
     encoder_modules: Sequence[str] = (),
     token_positions: str = "target",
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -117,20 +126,20 @@ def cache_keys_and_value_grads(
     the earliest edited layer and forms no weight gradient.
 
     Args:
-        encoder_modules: the edited modules that sit in the encoder of an encoder-decoder model; they use every
-            non-padding encoder position.
+        encoder_modules: the edited modules that sit in the encoder of an encoder-decoder model, or every edited
+            module of a classifier; they use every non-padding (encoder) position.
         token_positions: `"target"` (the positions scored on target tokens) or `"all"` (every non-padding position).
     """
     recorder = _LayerRecorder(modules)
     with recorder.recording():
-        logits = scored_logits(model, batch, is_encoder_decoder)
+        logits = scored_logits(model, batch, kind)
     label_mask = batch["labels"] != IGNORE_INDEX
     rows = rows_of_scored_tokens(batch["labels"]).to(logits.device)
     loss = per_fact_loss(logits, batch["labels"][label_mask].to(logits.device), rows)
 
     names = list(modules)
     grads = torch.autograd.grad(loss, [recorder.outputs[name] for name in names], allow_unused=True)
-    decoder_mask = batch["decoder_attention_mask"] if is_encoder_decoder else batch["attention_mask"]
+    decoder_mask = batch["decoder_attention_mask"] if kind == "seq2seq" else batch["attention_mask"]
     result = {}
     for name, grad in zip(names, grads, strict=True):
         if name in encoder_modules:

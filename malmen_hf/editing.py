@@ -18,7 +18,7 @@ from .facts import (
     as_edit_requests,
     batches_by_length,
     collate,
-    is_encoder_decoder,
+    model_kind,
     pad_id_of,
     tokenize_edit_prompts,
 )
@@ -100,8 +100,7 @@ def apply_edits(
     if not isinstance(editor_batch_size, int) or editor_batch_size < 1:
         raise ValueError(f"editor_batch_size must be a positive integer, got {editor_batch_size!r}")
     modules = _checked_modules(editor, model)
-    encoder_decoder = is_encoder_decoder(model)
-    examples = tokenize_edit_prompts(tokenizer, requests, encoder_decoder)
+    examples = tokenize_edit_prompts(tokenizer, requests, model_kind(model))
     batches = batches_by_length(examples, batch_size)
     _check_lengths(model, examples)
 
@@ -154,13 +153,13 @@ def cached_batches(
     Yields, batch after batch, the keys and value gradients of each edited module (see
     [`cache_keys_and_value_grads`]), with the model frozen and in eval mode meanwhile.
     """
-    encoder_decoder = is_encoder_decoder(model)
+    kind = model_kind(model)
     encoder_modules = _encoder_module_names(model, modules)
     with frozen(model), torch.enable_grad():
         for indices in batches:
-            batch = collate([examples[i] for i in indices], pad_id, encoder_decoder)
+            batch = collate([examples[i] for i in indices], pad_id, kind)
             yield cache_keys_and_value_grads(
-                model, modules, batch, encoder_decoder, encoder_modules, editor.config.token_positions
+                model, modules, batch, kind, encoder_modules, editor.config.token_positions
             )
 
 
@@ -191,7 +190,11 @@ def _check_lengths(model: nn.Module, examples: list) -> None:
 
 
 def _encoder_module_names(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
-    if not getattr(model.config, "is_encoder_decoder", False):
+    """The edited modules that read every non-padding input position: an encoder's, or all of a classifier's."""
+    kind = model_kind(model)
+    if kind == "classifier":
+        return set(modules)
+    if kind != "seq2seq":
         return set()
     encoder_ids = {id(module) for module in model.get_encoder().modules()}
     return {name for name, module in modules.items() if id(module) in encoder_ids}

@@ -2,7 +2,7 @@
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -87,9 +87,26 @@ def _as_edit_request(index: int, fact: FactLike) -> EditRequest:
         raise ValueError(f"fact {index}: {error}") from None
 
 
-def is_encoder_decoder(model: "PreTrainedModel") -> bool:
-    """Whether `model` takes targets on a decoder side (T5) rather than after the prompt (GPT-2, Llama)."""
-    return bool(getattr(model.config, "is_encoder_decoder", False))
+ModelKind = Literal["causal", "seq2seq", "classifier"]
+"""How a model takes an edit's target: after the prompt (GPT-2, Llama), on a decoder side (T5), or as the label of a
+one-logit classifier head (BERT fact checking, targets `"SUPPORTS"` / `"REFUTES"`)."""
+
+CLASSIFIER_LABELS = {"REFUTES": 0, "SUPPORTS": 1}
+"""The targets of a one-logit classifier and their class ids (the logit is that of `SUPPORTS`)."""
+
+
+def model_kind(model: "PreTrainedModel") -> ModelKind:
+    """Whether `model` is a causal LM, an encoder-decoder, or a one-logit sequence classifier (see [`ModelKind`])."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        if model.config.num_labels != 1:
+            raise ValueError(
+                f"Sequence classifiers are edited through a one-logit head (num_labels=1, as in the paper's FEVER "
+                f"setting); this {type(model).__name__} has num_labels={model.config.num_labels}"
+            )
+        return "classifier"
+    return "causal"
 
 
 @dataclass
@@ -104,21 +121,27 @@ class TokenizedExample:
 
 
 def tokenize_edit_prompts(
-    tokenizer: "PreTrainedTokenizerBase", requests: Sequence[EditRequest], is_encoder_decoder: bool
+    tokenizer: "PreTrainedTokenizerBase", requests: Sequence[EditRequest], kind: ModelKind
 ) -> list[TokenizedExample]:
     """Teacher-forced `prompt -> target` examples of edit requests."""
-    return tokenize_examples(tokenizer, [r.prompt for r in requests], [r.target for r in requests], is_encoder_decoder)
+    return tokenize_examples(tokenizer, [r.prompt for r in requests], [r.target for r in requests], kind)
 
 
 def tokenize_examples(
     tokenizer: "PreTrainedTokenizerBase",
     prompts: Sequence[str],
     targets: Sequence[str],
-    is_encoder_decoder: bool,
+    kind: ModelKind,
 ) -> list[TokenizedExample]:
     """Teacher-forced tokenization of `prompt -> target` pairs (see [`TokenizedExample`])."""
-    tokenize = _tokenize_seq2seq if is_encoder_decoder else _tokenize_causal
-    return [tokenize(tokenizer, prompt, target) for prompt, target in zip(prompts, targets, strict=True)]
+    tokenize = {"causal": _tokenize_causal, "seq2seq": _tokenize_seq2seq, "classifier": _tokenize_classification}[kind]
+    examples = []
+    for index, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        try:
+            examples.append(tokenize(tokenizer, prompt, target))
+        except ValueError as error:
+            raise ValueError(f"fact {index}: {error}") from None
+    return examples
 
 
 def _tokenize_causal(tokenizer: "PreTrainedTokenizerBase", prompt: str, target: str) -> TokenizedExample:
@@ -151,6 +174,16 @@ def _tokenize_seq2seq(tokenizer: "PreTrainedTokenizerBase", prompt: str, target:
     )
 
 
+def _tokenize_classification(tokenizer: "PreTrainedTokenizerBase", prompt: str, target: str) -> TokenizedExample:
+    if target not in CLASSIFIER_LABELS:
+        raise ValueError(f"a classifier's target must be one of {list(CLASSIFIER_LABELS)}, got {target!r}")
+    input_ids = tokenizer(prompt.strip())["input_ids"]
+    # The one scored position is the first ([CLS]), where the label sits; see `scored_logits`.
+    return TokenizedExample(
+        input_ids=input_ids, labels=[CLASSIFIER_LABELS[target]] + [IGNORE_INDEX] * (len(input_ids) - 1)
+    )
+
+
 def pad_id_of(tokenizer: "PreTrainedTokenizerBase") -> int:
     """The padding id: the pad token, else EOS, else 0. Padded positions are masked out, so any id is correct."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
@@ -167,14 +200,14 @@ def batches_by_length(examples: Sequence[TokenizedExample], batch_size: int) -> 
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def collate(examples: Sequence[TokenizedExample], pad_id: int, is_encoder_decoder: bool) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[TokenizedExample], pad_id: int, kind: ModelKind) -> dict[str, torch.Tensor]:
     """Right-pads a batch: positions never move, so per-token results do not depend on the batch."""
     batch = {
         "input_ids": _pad([example.input_ids for example in examples], pad_id),
         "attention_mask": _pad([[1] * len(example.input_ids) for example in examples], 0),
         "labels": _pad([example.labels for example in examples], IGNORE_INDEX),
     }
-    if is_encoder_decoder:
+    if kind == "seq2seq":
         batch["decoder_attention_mask"] = _pad([[1] * len(example.labels) for example in examples], 0)
     return batch
 

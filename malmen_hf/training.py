@@ -17,7 +17,7 @@ from .facts import (
     EditRequest,
     batches_by_length,
     collate,
-    is_encoder_decoder,
+    model_kind,
     pad_id_of,
     tokenize_edit_prompts,
     tokenize_examples,
@@ -73,7 +73,7 @@ def meta_gradient(
     """
     reduce = all_reduce or (lambda tensor: tensor)
     modules = _checked_modules(editor, model)
-    encoder_decoder = is_encoder_decoder(model)
+    kind = model_kind(model)
     pad_id = pad_id_of(tokenizer)
     num_facts = int(reduce(torch.tensor(float(len(requests)), dtype=torch.float64)))
     keys, value_grads = _cache_all(editor, model, modules, requests, tokenizer, batch_size, pad_id)
@@ -89,20 +89,20 @@ def meta_gradient(
             totals.update({name: reduce(total) for name, total in totals.items()})
     shifts = sums.solve()
 
-    gen_examples, gen_rows = _generalization_examples(requests, tokenizer, encoder_decoder)
+    gen_examples, gen_rows = _generalization_examples(requests, tokenizer, kind)
     loc_requests = [request for request in requests if request.locality_prompt is not None]
     loc_examples = tokenize_examples(
         tokenizer,
         [request.locality_prompt for request in loc_requests],
         [request.locality_answer for request in loc_requests],
-        encoder_decoder,
+        kind,
     )
     loc_batches = batches_by_length(loc_examples, batch_size) if loc_examples else []
 
     num_locality = int(reduce(torch.tensor(float(len(loc_examples)), dtype=torch.float64)))
     weight_grads, losses = _grads_of_shifted_model(
         model, modules, shifts, gen_examples, gen_rows, num_facts, loc_examples, num_locality, loc_batches,
-        batch_size, pad_id, encoder_decoder, c_loc,
+        batch_size, pad_id, kind, c_loc,
     )  # fmt: skip
     weight_grads = {name: reduce(grad) for name, grad in weight_grads.items()}
     generalization, locality = reduce(torch.tensor([losses.generalization, losses.locality], dtype=torch.float64))
@@ -147,7 +147,7 @@ def fit_normalizer(
     does this at every step (see [`meta_gradient`]); call it once before using an untrained editor.
     """
     modules = _checked_modules(editor, model)
-    examples = tokenize_edit_prompts(tokenizer, requests, is_encoder_decoder(model))
+    examples = tokenize_edit_prompts(tokenizer, requests, model_kind(model))
     batches = batches_by_length(examples, batch_size)
     with contextlib.closing(cached_batches(editor, model, modules, examples, batches, pad_id_of(tokenizer))) as stream:
         for cached in stream:
@@ -159,8 +159,8 @@ def fit_normalizer(
 
 def _cache_all(editor, model, modules, requests, tokenizer, batch_size, pad_id):
     """Every token's key and value gradient per module, on the editor's device and dtype (training needs them)."""
-    encoder_decoder = is_encoder_decoder(model)
-    examples = tokenize_edit_prompts(tokenizer, requests, encoder_decoder)
+    kind = model_kind(model)
+    examples = tokenize_edit_prompts(tokenizer, requests, kind)
     keys = {name: [] for name in modules}
     value_grads = {name: [] for name in modules}
     batches = batches_by_length(examples, batch_size)
@@ -175,7 +175,7 @@ def _cache_all(editor, model, modules, requests, tokenizer, batch_size, pad_id):
     )
 
 
-def _generalization_examples(requests, tokenizer, is_encoder_decoder):
+def _generalization_examples(requests, tokenizer, kind):
     """(rephrasing, target) examples, and the request each belongs to (its edit prompt when it has no rephrasing)."""
     prompts, targets, rows = [], [], []
     for row, request in enumerate(requests):
@@ -183,12 +183,12 @@ def _generalization_examples(requests, tokenizer, is_encoder_decoder):
             prompts.append(prompt)
             targets.append(request.target)
             rows.append(row)
-    return tokenize_examples(tokenizer, prompts, targets, is_encoder_decoder), rows
+    return tokenize_examples(tokenizer, prompts, targets, kind), rows
 
 
 def _grads_of_shifted_model(
     model, modules, shifts, gen_examples, gen_rows, num_facts, loc_examples, num_locality, loc_batches,
-    batch_size, pad_id, is_encoder_decoder, c_loc,
+    batch_size, pad_id, kind, c_loc,
 ):  # fmt: skip
     """With the shifts applied, `dL_meta/dS` per module as a `(d_in, d_out)` matrix, and the losses."""
     originals = _apply_shifts(modules, shifts)
@@ -202,21 +202,21 @@ def _grads_of_shifted_model(
             rephrasings_per_fact = Counter(gen_rows)
             gen_loss = 0.0
             for indices in batches_by_length(gen_examples, batch_size):
-                batch = collate([gen_examples[i] for i in indices], pad_id, is_encoder_decoder)
+                batch = collate([gen_examples[i] for i in indices], pad_id, kind)
                 weights = torch.tensor([1.0 / rephrasings_per_fact[gen_rows[i]] for i in indices])
-                loss = _generalization_loss(model, batch, weights, is_encoder_decoder)
+                loss = _generalization_loss(model, batch, weights, kind)
                 (loss / num_facts).backward()
                 gen_loss += float(loss.detach()) / num_facts
             loc_loss = 0.0
             for indices in loc_batches:
-                batch = collate([loc_examples[i] for i in indices], pad_id, is_encoder_decoder)
+                batch = collate([loc_examples[i] for i in indices], pad_id, kind)
                 # The unedited distribution, batch by batch: memory does not grow with the number of facts.
                 with torch.no_grad():
                     _copy_weights(modules, originals)
-                    logits = at_least_float32(scored_logits(model, batch, is_encoder_decoder))
+                    logits = at_least_float32(scored_logits(model, batch, kind))
                     log_p_before = torch.log_softmax(logits, -1)
                     _copy_weights(modules, shifted)
-                loss = _locality_loss(model, batch, log_p_before, is_encoder_decoder)
+                loss = _locality_loss(model, batch, log_p_before, kind)
                 (c_loc * loss / num_locality).backward()
                 loc_loss += float(loss.detach()) / num_locality
             grads = {}
@@ -240,16 +240,16 @@ def _copy_weights(modules: dict[str, nn.Module], weights: dict[str, torch.Tensor
         modules[name].weight.copy_(weight)
 
 
-def _generalization_loss(model, batch, example_weights, is_encoder_decoder) -> torch.Tensor:
+def _generalization_loss(model, batch, example_weights, kind) -> torch.Tensor:
     """Cross-entropy averaged over each example's target tokens, weighted so that each fact's rephrasings weigh 1."""
-    logits = scored_logits(model, batch, is_encoder_decoder)
+    logits = scored_logits(model, batch, kind)
     labels = batch["labels"][batch["labels"] != IGNORE_INDEX].to(logits.device)
     return per_fact_loss(logits, labels, rows_of_scored_tokens(batch["labels"]).to(logits.device), example_weights)
 
 
-def _locality_loss(model, batch, log_p_before, is_encoder_decoder) -> torch.Tensor:
+def _locality_loss(model, batch, log_p_before, kind) -> torch.Tensor:
     """KL(p_before || p_after) at each answer token, averaged per example, summed over the batch."""
-    log_p_after = torch.log_softmax(at_least_float32(scored_logits(model, batch, is_encoder_decoder)), dim=-1)
+    log_p_after = torch.log_softmax(at_least_float32(scored_logits(model, batch, kind)), dim=-1)
     log_p_before = log_p_before.to(log_p_after.device)
     token_kl = (log_p_before.exp() * (log_p_before - log_p_after)).sum(-1)
     return per_fact_mean(token_kl, rows_of_scored_tokens(batch["labels"]).to(token_kl.device))

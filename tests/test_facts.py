@@ -11,7 +11,7 @@ def target_tokens(tokenizer, example):
 
 def test_gpt2_bpe_keeps_the_leading_space_in_the_target():
     tokenizer = tiny.gpt2_tokenizer()
-    (example,) = tokenize_examples(tokenizer, ["The Colosseum is located in "], ["Rome"], is_encoder_decoder=False)
+    (example,) = tokenize_examples(tokenizer, ["The Colosseum is located in "], ["Rome"], "causal")
     assert target_tokens(tokenizer, example) == ["ĠRome"]
     assert tokenizer.decode(example.input_ids) == "The Colosseum is located in Rome"
     # labels are shifted: the target is scored at the position of the last prompt token
@@ -20,21 +20,21 @@ def test_gpt2_bpe_keeps_the_leading_space_in_the_target():
 
 def test_sentencepiece_style_tokenizer_with_bos():
     tokenizer = tiny.llama_tokenizer()
-    (example,) = tokenize_examples(tokenizer, ["The capital of Italy is"], ["Rome"], is_encoder_decoder=False)
+    (example,) = tokenize_examples(tokenizer, ["The capital of Italy is"], ["Rome"], "causal")
     assert example.input_ids[0] == tokenizer.bos_token_id
     assert target_tokens(tokenizer, example) == ["▁Rome"]
 
 
 def test_tokenizer_that_appends_eos_to_every_text():
     tokenizer = tiny.t5_tokenizer()  # appends </s>: a causal continuation must not follow it
-    (example,) = tokenize_examples(tokenizer, ["The capital of France is"], ["Paris"], is_encoder_decoder=False)
+    (example,) = tokenize_examples(tokenizer, ["The capital of France is"], ["Paris"], "causal")
     assert tokenizer.eos_token_id not in example.input_ids
     assert target_tokens(tokenizer, example) == ["▁Paris"]
 
 
 def test_t5_targets_are_decoder_labels_with_eos():
     tokenizer = tiny.t5_tokenizer()
-    (example,) = tokenize_examples(tokenizer, ["The capital of France is"], ["Paris"], is_encoder_decoder=True)
+    (example,) = tokenize_examples(tokenizer, ["The capital of France is"], ["Paris"], "seq2seq")
     assert tokenizer.convert_ids_to_tokens(example.labels) == ["▁Paris", "</s>"]
     assert example.input_ids[-1] == tokenizer.eos_token_id
 
@@ -44,8 +44,8 @@ def test_missing_pad_token_and_right_padding():
     assert tokenizer.pad_token is None
     pad_id = pad_id_of(tokenizer)
     assert pad_id == tokenizer.eos_token_id
-    examples = tokenize_examples(tokenizer, ["The capital of France is", "Apple"], ["Paris", "Google"], False)
-    batch = collate(examples, pad_id, is_encoder_decoder=False)
+    examples = tokenize_examples(tokenizer, ["The capital of France is", "Apple"], ["Paris", "Google"], "causal")
+    batch = collate(examples, pad_id, "causal")
     assert batch["attention_mask"][1].tolist() == [1] * len(examples[1].input_ids) + [0] * (
         len(examples[0].input_ids) - len(examples[1].input_ids)
     )

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from malmen_hf import EditRequest, MalmenEditorModel
-from malmen_hf.facts import pad_id_of, tokenize_examples
+from malmen_hf.facts import model_kind, pad_id_of, tokenize_examples
 from malmen_hf.metrics import (
     SCORES,
     agreement,
@@ -87,7 +87,7 @@ def test_target_log_probs_match_a_hand_computation(gpt2):
 
 def _greedy_one_at_a_time(model, tokenizer, prompt, target):
     """The reference: one unpadded prompt, `generate`, and the decoded text compared with the target's tokens."""
-    example = tokenize_examples(tokenizer, [prompt], [target], model.config.is_encoder_decoder)[0]
+    example = tokenize_examples(tokenizer, [prompt], [target], model_kind(model))[0]
     if model.config.is_encoder_decoder:
         prompt_ids, answer = example.input_ids, [t for t in example.labels if t != -100]
     else:

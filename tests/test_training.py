@@ -47,10 +47,10 @@ def grad_or_zero(param):
 def reference_meta_gradient(editor, model, tokenizer, requests):
     """End-to-end autograd: the hyper-network, a direct torch.linalg.solve, and the losses in one graph."""
     modules = {name: model.get_submodule(name) for name in editor.config.edit_modules}
-    examples = tokenize_examples(tokenizer, [r.prompt for r in requests], [r.target for r in requests], False)
-    batch = collate(examples, pad_id_of(tokenizer), False)
+    examples = tokenize_examples(tokenizer, [r.prompt for r in requests], [r.target for r in requests], "causal")
+    batch = collate(examples, pad_id_of(tokenizer), "causal")
     with frozen(model), torch.enable_grad():
-        cached = cache_keys_and_value_grads(model, modules, batch, False)
+        cached = cache_keys_and_value_grads(model, modules, batch, "causal")
     params = dict(model.named_parameters())
     for name, (keys, value_grads) in cached.items():
         net, index = editor.net_for(name)
@@ -142,9 +142,11 @@ def test_fit_normalizer_matches_the_statistics_of_every_cached_token(gpt2, batch
     model, tokenizer = gpt2
     editor = MalmenEditorModel.for_model(model, rank=4, lr_init=0.1)
     modules = {name: model.get_submodule(name) for name in editor.config.edit_modules}
-    examples = tokenize_examples(tokenizer, [r.prompt for r in REQUESTS], [r.target for r in REQUESTS], False)
+    examples = tokenize_examples(tokenizer, [r.prompt for r in REQUESTS], [r.target for r in REQUESTS], "causal")
     with frozen(model), torch.enable_grad():
-        cached = cache_keys_and_value_grads(model, modules, collate(examples, pad_id_of(tokenizer), False), False)
+        cached = cache_keys_and_value_grads(
+            model, modules, collate(examples, pad_id_of(tokenizer), "causal"), "causal"
+        )
     rows = torch.cat([torch.cat(pair, dim=-1) for pair in cached.values()]).double()  # all layers share one net
     weights_before = {name: param.clone() for name, param in editor.state_dict().items() if "normalizer" not in name}
 
