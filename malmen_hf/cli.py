@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .cards import editor_card
 from .data import FORMATS, load_edit_requests
 from .facts import EditRequest
 from .metrics import SCORES, greedy_answers, locality_predictions, scores_of_model
@@ -162,6 +164,36 @@ def evaluate_editor(args: argparse.Namespace) -> None:
     print(f"{len(requests)} facts from {args.data}{edited}\n" + _table(header, rows, width=16))
 
 
+def card(args: argparse.Namespace) -> None:
+    """Writes the model card (README.md) of a saved editor, with results from `eval --json` or the benchmark."""
+    editor_dir = Path(args.editor)
+    if not (editor_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{editor_dir} is not a saved editor folder (no config.json)")
+    results, command = _card_results(Path(args.results), args.method) if args.results else ([], None)
+    editor = MalmenEditorModel.from_pretrained(editor_dir)
+    model_card = editor_card(
+        editor, results, editor_id=args.editor_id or str(editor_dir), dataset=args.dataset, results_command=command
+    )
+    output = Path(args.output) if args.output else editor_dir / "README.md"
+    temporary = output.with_name(f".{output.name}.tmp")
+    model_card.save(temporary)
+    os.replace(temporary, output)  # a failed write leaves the previous card as it was
+    print(f"Wrote {output}" + (f" with {len(results)} result rows" if results else ""))
+
+
+def _card_results(path: Path, method: str) -> tuple[list[dict], str | None]:
+    """Result rows from `malmen-hf eval --json` output or from `benchmarks/quality.py`'s JSON."""
+    data = json.loads(path.read_text())
+    if "after" in data:
+        return [{"n": data["num_facts"], **data["after"]}], None
+    if "rows" in data:
+        rows = [row for row in data["rows"] if row.get("method") == method and "skipped" not in row]
+        if not rows:
+            raise ValueError(f"{path} has no results for method {method!r}")
+        return rows, data.get("command")
+    raise ValueError(f"{path} is neither `malmen-hf eval --json` output nor a quality benchmark result")
+
+
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """One option per field of `MalmenTrainingArguments`, documented by its docstring."""
     entry = re.compile(r"^ {8}(\w+) \(.*?\): (.*(?:\n {12}.*)*)", re.M)  # "name (`type`, ...): text"
@@ -244,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     eval_parser.set_defaults(run=evaluate_editor)
+
+    card_parser = commands.add_parser("card", help="write the model card (README.md) of a saved editor")
+    card_parser.add_argument("--editor", required=True, help="the saved editor folder")
+    card_parser.add_argument("--results", help="JSON from `malmen-hf eval --json` or benchmarks/quality.py")
+    card_parser.add_argument("--method", default="malmen", help="which method's rows of a benchmark JSON")
+    card_parser.add_argument("--editor-id", help="the Hub id users load it from (default: the folder)")
+    card_parser.add_argument("--dataset", help="the data the results were measured on")
+    card_parser.add_argument("--output", help="where to write the card (default: <editor>/README.md)")
+    card_parser.set_defaults(run=card)
     return parser
 
 

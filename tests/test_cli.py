@@ -87,3 +87,22 @@ def test_eval_bad_input_exits_with_a_one_line_error(saved, capsys, arguments, me
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.splitlines()[-1]  # after any progress bar
     assert error.startswith("malmen-hf eval: error:") and message in error
+
+
+def test_card_from_eval_results_and_a_failed_write_keeps_the_old_card(saved, capsys):
+    folder, _, _ = saved
+    main([
+        "eval", "--model", str(folder / "model"), "--editor", str(folder / "editor"),
+        "--data", str(folder / "cf.json"), "--num-facts", "3", "--scores", "ES", "LS", "--json",
+    ])  # fmt: skip
+    (folder / "eval.json").write_text(capsys.readouterr().out)
+    main(["card", "--editor", str(folder / "editor"), "--results", str(folder / "eval.json"), "--editor-id", "org/e"])
+    card = (folder / "editor" / "README.md").read_text()
+    assert "| N | ES | LS |" in card and "\n| 3 | " in card and 'from_pretrained("org/e")' in card
+
+    (folder / "bad.json").write_text(json.dumps({"rows": [{"method": "mend", "n": 1, "ES": 1.0}]}))
+    with pytest.raises(SystemExit):
+        main(["card", "--editor", str(folder / "editor"), "--results", str(folder / "bad.json")])
+    assert "has no results for method 'malmen'" in capsys.readouterr().err
+    assert (folder / "editor" / "README.md").read_text() == card
+    assert [path.name for path in (folder / "editor").glob(".*")] == []
