@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: install test test-fast demo lint bench
+.PHONY: install test test-fast demo lint bench bench-quality
 
 $(BIN)/malmen-hf: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,10 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/edit_speed.py
+
+# Edit quality against the baselines. MEND_EDITOR: an editor trained with --aggregation sum (README "Benchmarks").
+MEND_EDITOR ?= runs/mend-smollm2-135m-counterfact
+bench-quality: install
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/quality.py --malmen-editor editors/malmen-smollm2-135m-counterfact \
+		--mend-editor $(MEND_EDITOR) --tune
