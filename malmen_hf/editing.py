@@ -2,6 +2,7 @@
 
 import contextlib
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -177,7 +178,25 @@ def _checked_modules(editor: nn.Module, model: nn.Module) -> dict[str, nn.Module
         modules[name] = module
     if not modules:
         raise ValueError("This editor edits no modules: its config has an empty `edit_modules`.")
+    _warn_if_other_base_model(editor, model)
     return modules
+
+
+def _warn_if_other_base_model(editor: nn.Module, model: nn.Module) -> None:
+    """The shapes match (checked above), but an editor's quality is only known for the model it was trained for."""
+    expected = editor.config.base_model_name_or_path
+    actual = getattr(model.config, "_name_or_path", None)
+    if expected and actual and _short_name(expected) != _short_name(actual):
+        warnings.warn(
+            f"This editor was made for {expected!r} but is editing {actual!r}. The layer shapes match, so the edit "
+            "runs, but how well the editor works is only known for its own base model.",
+            stacklevel=4,
+        )
+
+
+def _short_name(name_or_path: str) -> str:
+    """`org/Model`, `/cache/model` and `model` name the same model here (a Hub id, its local copy, a short name)."""
+    return name_or_path.rstrip("/").rsplit("/", 1)[-1].lower()
 
 
 def _check_lengths(model: nn.Module, examples: list) -> None:

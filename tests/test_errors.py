@@ -68,6 +68,20 @@ def test_editor_for_other_shapes(setup):
         MalmenEditorModel(config).apply_edits(model, [("a", "b")], tokenizer=tokenizer)
 
 
+def test_editor_for_another_base_model_of_the_same_shapes_warns(gpt2, recwarn):
+    model, tokenizer = gpt2
+    model.config._name_or_path = "/cache/models/tiny-gpt2"
+    facts = [("The capital of France is", "Berlin")]
+    for same in ("org/tiny-gpt2", "tiny-gpt2", "/cache/models/tiny-gpt2/"):
+        MalmenEditorModel.for_model(model, rank=4, base_model_name_or_path=same).apply_edits(
+            model, facts, tokenizer=tokenizer
+        ).revert()
+    assert not [w for w in recwarn if "was made for" in str(w.message)]
+    other = MalmenEditorModel.for_model(model, rank=4, base_model_name_or_path="org/other-gpt2")
+    with pytest.warns(UserWarning, match=r"made for 'org/other-gpt2' but is editing '/cache/models/tiny-gpt2'"):
+        other.apply_edits(model, facts, tokenizer=tokenizer).revert()
+
+
 def test_editor_of_a_non_linear_module(setup):
     model, tokenizer, editor = setup
     config = MalmenConfig(
