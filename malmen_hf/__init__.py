@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel
 
+from .artifacts import load_edits
 from .configuration_malmen import MalmenConfig
 from .data import FORMATS, load_edit_requests
 from .editing import EditHandle, MalmenEditableMixin, apply_edits, revert_edits
@@ -33,6 +34,7 @@ __all__ = [
     "default_edit_modules",
     "fit_normalizer",
     "least_squares_shift",
+    "load_edits",
     "load_edit_requests",
     "revert_edits",
     "summed_shift",

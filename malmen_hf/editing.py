@@ -1,6 +1,7 @@
 """`apply_edits`: cache, run the hyper-networks, solve, and shift the base model's weights in place, undoably."""
 
 import contextlib
+import os
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 from .caching import cache_keys_and_value_grads, frozen
 from .facts import (
     IGNORE_INDEX,
+    EditRequest,
     FactLike,
     TokenizedExample,
     as_edit_requests,
@@ -44,6 +46,9 @@ class EditHandle:
         num_tokens (`int`): how many target tokens they have.
         aggregation (`str`): `"least_squares"` or `"sum"`.
         timings (`dict[str, float]`): seconds spent caching, in the hyper-networks, and solving and applying.
+        facts (`list[EditRequest]`): the facts that were edited.
+        editor_name_or_path (`str`, *optional*): where the editor was loaded from.
+        base_model_name_or_path (`str`, *optional*): the edited model's name or folder.
     """
 
     modules: list[str]
@@ -54,6 +59,10 @@ class EditHandle:
     timings: dict[str, float]
     _model: nn.Module = field(repr=False)
     _original_weights: dict[str, torch.Tensor] = field(repr=False)
+    facts: list[EditRequest] = field(default_factory=list, repr=False)
+    editor_name_or_path: str | None = None
+    base_model_name_or_path: str | None = None
+    _shifts: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def applied(self) -> bool:
@@ -76,6 +85,17 @@ class EditHandle:
         stack.pop()
         self._original_weights = {}
 
+    def save(self, save_directory: str | os.PathLike) -> None:
+        """
+        Saves these edits as an artifact: `edit_shifts.safetensors` (each module's weight shift) and
+        `edit_manifest.json` (the facts, the editor, the base model, and the SHA-256 of every weight the edit was
+        made on and of the shifts file). [`load_edits`] applies them to a fresh copy of the base model with a
+        bit-identical result. Save while the edits are applied.
+        """
+        from .artifacts import save_edits
+
+        save_edits(self, save_directory)
+
 
 def revert_edits(model: nn.Module) -> int:
     """Reverts every edit applied to `model`, newest first; returns how many `apply_edits` calls were undone."""
@@ -95,6 +115,7 @@ def apply_edits(
     batch_size: int = 32,
     editor_batch_size: int = 1024,
     progress: bool = False,
+    keep_shifts: bool = True,
 ) -> EditHandle:
     """Functional form of [`MalmenEditorModel.apply_edits`]."""
     requests = as_edit_requests(facts)
@@ -134,6 +155,10 @@ def apply_edits(
         timings=timings,
         _model=model,
         _original_weights=_apply_shifts(modules, shifts),
+        facts=requests,
+        editor_name_or_path=getattr(editor, "name_or_path", None) or None,
+        base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
+        _shifts=shifts if keep_shifts else None,
     )
     if not hasattr(model, _EDIT_STACK):
         model.__dict__[_EDIT_STACK] = []

@@ -210,6 +210,7 @@ class MalmenEditorModel(MalmenPreTrainedModel):
         batch_size: int = 32,
         editor_batch_size: int = 1024,
         progress: bool = False,
+        keep_shifts: bool = True,
     ) -> EditHandle:
         """
         Edits `model` in place so that it answers each fact's prompt with its target, with one least-squares (or
@@ -228,6 +229,9 @@ class MalmenEditorModel(MalmenPreTrainedModel):
                 Token positions per pass of the hyper-network. Does not change the result.
             progress (`bool`, defaults to `False`):
                 Show a progress bar over the base-model batches.
+            keep_shifts (`bool`, defaults to `True`):
+                Keep the weight shifts on the handle, so that `handle.save(folder)` can write them (they take as
+                much memory as the edited weights in float32: turn it off for very large edited layers).
 
         Returns:
             [`EditHandle`]: what changed (modules, shift norms, number of facts and tokens, timings); its `revert()`
@@ -241,6 +245,7 @@ class MalmenEditorModel(MalmenPreTrainedModel):
             batch_size=batch_size,
             editor_batch_size=editor_batch_size,
             progress=progress,
+            keep_shifts=keep_shifts,
         )
 
     def attach(self, model: PreTrainedModel, tokenizer: "PreTrainedTokenizerBase") -> PreTrainedModel:
