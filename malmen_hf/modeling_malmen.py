@@ -1,10 +1,15 @@
 """The MALMEN editor: hyper-networks that turn a base model's keys and value gradients into pseudo pairs."""
 
+import importlib
 import math
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from huggingface_hub import HfApi
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -180,6 +185,63 @@ class MalmenEditorModel(MalmenPreTrainedModel):
         config = MalmenConfig(edit_modules=names, edit_module_shapes=shapes, **config_kwargs)
         return cls(config)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """
+        [`~PreTrainedModel.save_pretrained`], plus a model card (`README.md`, see `malmen_hf.cards`) when the folder
+        has none yet and malmen-hf is installed (an existing card, e.g. one with results, is kept).
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        card_path = Path(save_directory) / "README.md"
+        if kwargs.get("is_main_process", True) and not card_path.exists():
+            card = _editor_card(self, editor_id=str(save_directory))
+            if card is not None:
+                card.save(card_path)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        model_card: Any = None,
+    ) -> Any:
+        """
+        Uploads the editor (config, safetensors weights, its code for `trust_remote_code`, and a model card) to the
+        Hub repository `repo_id` in one commit, creating the repository if needed.
+
+        Args:
+            repo_id (`str`): `"org/name"` (or `"name"` in your namespace).
+            commit_message (`str`, *optional*), commit_description (`str`, *optional*): Of the commit.
+            private (`bool`, *optional*): Visibility of a repository this call creates.
+            token (`str` or `bool`, *optional*): The Hub token (default: the stored one).
+            revision (`str`, *optional*): The branch to push to.
+            create_pr (`bool`, defaults to `False`): Open a pull request instead of committing to the branch.
+            model_card (`huggingface_hub.ModelCard`, *optional*): The card to upload; by default the one
+                `malmen_hf.cards.editor_card` renders for `repo_id` (with results when `config.training` has them).
+
+        Returns:
+            `huggingface_hub.CommitInfo`: the commit (or pull request) made.
+        """
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            card = model_card if model_card is not None else _editor_card(self, editor_id=repo_id)
+            if card is not None:
+                card.save(Path(folder) / "README.md")
+            self.save_pretrained(folder)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload MALMEN editor",
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
     def net_for(self, module_name: str) -> tuple[MalmenNet, int]:
         """The hyper-network that serves `module_name` and the module's index among the layers it serves."""
         key = self.config.shape_keys[self.config.edit_modules.index(module_name)]
@@ -260,3 +322,12 @@ class MalmenEditorModel(MalmenPreTrainedModel):
 
 
 __all__ = ["MalmenEditorModel", "MalmenPreTrainedModel"]
+
+
+def _editor_card(editor: MalmenEditorModel, editor_id: str) -> Any:
+    """The editor's model card, or `None` where malmen-hf is not installed (this file loaded as Hub remote code)."""
+    try:
+        cards = importlib.import_module("malmen_hf.cards")  # not a relative import: remote code does not copy it
+    except ImportError:
+        return None
+    return cards.editor_card(editor, editor_id=editor_id)

@@ -14,6 +14,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
+from .cards import editor_card
 from .facts import EditRequest
 from .metrics import edit_scores
 from .training import meta_gradient
@@ -158,7 +159,12 @@ def train_editor(
     accelerator.register_for_checkpointing(editor, optimizer, progress)
     if args.resume_from_checkpoint:
         accelerator.load_state(str(_checkpoint_to_resume(output_dir, args.resume_from_checkpoint)))
-    settings = {**dataclasses.asdict(args), "num_train_facts": len(train_requests), "num_processes": world_size}
+    settings = {
+        **dataclasses.asdict(args),
+        "num_train_facts": len(train_requests),
+        "num_eval_facts": len(eval_requests or ()),
+        "num_processes": world_size,
+    }
     if log_with:
         accelerator.init_trackers("malmen", config={k: v for k, v in settings.items() if v is not None})
     all_reduce = (lambda tensor: accelerator.reduce(tensor, reduction="sum")) if world_size > 1 else None
@@ -256,5 +262,11 @@ def _finish(accelerator, editor, output_dir, settings, progress, validated) -> "
     editor.save_pretrained(output_dir, is_main_process=accelerator.is_main_process)
     if accelerator.is_main_process:
         (output_dir / "training_history.json").write_text(json.dumps(progress.history, indent=1))
+        # The card records this run: its settings and the last validation (held-out facts edited at once).
+        last = editor.config.training["last_validation"]
+        results = [{"n": min(settings["eval_facts"], settings["num_eval_facts"]), **last}] if last else []
+        editor_card(editor, results, editor_id=str(output_dir), dataset="held-out training facts").save(
+            output_dir / "README.md"
+        )
     accelerator.wait_for_everyone()
     return editor

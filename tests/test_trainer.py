@@ -58,6 +58,9 @@ def test_training_saves_a_loadable_editor_with_its_settings(tmp_path):
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
     # the normalizer learned the statistics of the keys and value gradients
     assert reloaded.nets["128x32"].normalizer.count > 0
+    # the card records the settings and the last validation (5 held-out facts edited at once)
+    card = (tmp_path / "README.md").read_text()
+    assert "| N | ES | GS | LS |" in card and "\n| 5 | " in card and "| facts_per_step | `4` |" in card
     # TensorBoard is installed with the dev extras: "auto" logs there
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*"))
 
