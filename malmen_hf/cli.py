@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from huggingface_hub import HfApi, ModelCard
 
 from .cards import editor_card
 from .data import FORMATS, load_edit_requests
@@ -135,6 +136,10 @@ def train(args: argparse.Namespace) -> None:
 def evaluate_editor(args: argparse.Namespace) -> None:
     """Scores a model on N facts before and after editing them all at once with an editor; prints a table or JSON."""
     torch.manual_seed(0)
+    if args.update_card:
+        if not args.editor:
+            raise ValueError("--update-card needs --editor (the folder whose card gets the scores)")
+        _editor_folder(args.editor)
     requests = load_edit_requests(args.data, args.format, limit=args.offset + args.num_facts)[args.offset :]
     if len(requests) < args.num_facts:
         raise ValueError(
@@ -152,6 +157,8 @@ def evaluate_editor(args: argparse.Namespace) -> None:
         results["edit_seconds"] = time.perf_counter() - start
         results["after"] = scores_of_model(model, tokenizer, requests, locality_before, args.batch_size, args.scores)
         handle.revert()
+        if args.update_card:
+            _update_card(args, editor, results)
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -166,19 +173,47 @@ def evaluate_editor(args: argparse.Namespace) -> None:
 
 def card(args: argparse.Namespace) -> None:
     """Writes the model card (README.md) of a saved editor, with results from `eval --json` or the benchmark."""
-    editor_dir = Path(args.editor)
-    if not (editor_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{editor_dir} is not a saved editor folder (no config.json)")
+    editor_dir = _editor_folder(args.editor)
     results, command = _card_results(Path(args.results), args.method) if args.results else ([], None)
     editor = MalmenEditorModel.from_pretrained(editor_dir)
-    model_card = editor_card(
-        editor, results, editor_id=args.editor_id or str(editor_dir), dataset=args.dataset, results_command=command
-    )
     output = Path(args.output) if args.output else editor_dir / "README.md"
+    _write_card(output, editor, results, args.editor_id or str(editor_dir), args.dataset, command)
+
+
+def _update_card(args: argparse.Namespace, editor, results: dict) -> None:
+    """Puts this run's scores (for its N) into the editor folder's card, keeping its results for other N."""
+    folder = _editor_folder(args.editor)
+    dataset = Path(args.data).name
+    rows = [row for row in _results_in_card(folder / "README.md", dataset) if row["n"] != results["num_facts"]]
+    rows = sorted([*rows, {"n": results["num_facts"], **results["after"]}], key=lambda row: row["n"])
+    _write_card(folder / "README.md", editor, rows, str(folder), dataset, None)
+
+
+def _editor_folder(path: str) -> Path:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a saved editor folder (no config.json)")
+    return folder
+
+
+def _write_card(output: Path, editor, results, editor_id, dataset, command) -> None:
+    model_card = editor_card(editor, results, editor_id=editor_id, dataset=dataset, results_command=command)
     temporary = output.with_name(f".{output.name}.tmp")
     model_card.save(temporary)
     os.replace(temporary, output)  # a failed write leaves the previous card as it was
-    print(f"Wrote {output}" + (f" with {len(results)} result rows" if results else ""))
+    print(f"Wrote {output}" + (f" with {len(results)} result rows" if results else ""), file=sys.stderr)
+
+
+def _results_in_card(path: Path, dataset: str) -> list[dict]:
+    """The result rows (one per N) of an existing card's model-index for `dataset`."""
+    if not path.is_file():
+        return []
+    rows: dict[int, dict] = {}
+    for result in ModelCard.load(path).data.eval_results or []:
+        if result.dataset_name == dataset and (result.dataset_config or "").startswith("N="):
+            n = int(result.dataset_config[2:])
+            rows.setdefault(n, {"n": n})[result.metric_type] = result.metric_value
+    return [rows[n] for n in sorted(rows)]
 
 
 def _card_results(path: Path, method: str) -> tuple[list[dict], str | None]:
@@ -192,6 +227,64 @@ def _card_results(path: Path, method: str) -> tuple[list[dict], str | None]:
             raise ValueError(f"{path} has no results for method {method!r}")
         return rows, data.get("command")
     raise ValueError(f"{path} is neither `malmen-hf eval --json` output nor a quality benchmark result")
+
+
+def edit(args: argparse.Namespace) -> None:
+    """Edits a model with facts from a file or the command line; prints the answers before and after; saves."""
+    requests = load_edit_requests(args.facts, args.format) if args.facts else []
+    requests += [EditRequest(prompt, target) for prompt, target in args.fact or []]
+    if not requests:
+        raise ValueError("no facts: give --facts FILE and/or --fact PROMPT TARGET")
+    editor = MalmenEditorModel.from_pretrained(args.editor)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    shown = requests[: args.show]
+    before = greedy_answers(model, tokenizer, [request.prompt for request in shown])
+    start = time.perf_counter()
+    handle = editor.apply_edits(model, requests, tokenizer=tokenizer, batch_size=args.batch_size, progress=True)
+    seconds = time.perf_counter() - start
+    after = greedy_answers(model, tokenizer, [request.prompt for request in shown])
+    if args.save_edits:
+        handle.save(args.save_edits)
+    if args.save_model:
+        model.save_pretrained(args.save_model)
+        tokenizer.save_pretrained(args.save_model)
+    answers = [
+        {"prompt": r.prompt, "target": r.target, "before": b, "after": a}
+        for r, b, a in zip(shown, before, after, strict=True)
+    ]
+    if args.json:
+        summary = {"num_facts": handle.num_facts, "edit_seconds": seconds, "answers": answers}
+        print(json.dumps({**summary, "saved_edits": args.save_edits, "saved_model": args.save_model}, indent=1))
+        return
+    print(f"Edited {handle.num_facts} facts in {seconds:.1f} s.\n")
+    rows = [[row["prompt"], row["target"], row["before"], row["after"]] for row in answers]
+    print(_table(["prompt", "new target", "answer before", "answer after"], rows))
+    for what, folder in (
+        ("edits (load with malmen_hf.load_edits)", args.save_edits),
+        ("edited model", args.save_model),
+    ):
+        if folder:
+            print(f"Saved the {what} to {folder}")
+
+
+def push(args: argparse.Namespace) -> None:
+    """Uploads a saved editor (with its card) or a saved edit artifact to a Hub repository, in one commit."""
+    options = {"commit_message": args.commit_message, "revision": args.revision, "create_pr": args.create_pr}
+    if args.edits:
+        if not (Path(args.edits) / "edit_manifest.json").is_file():
+            raise FileNotFoundError(f"{args.edits} holds no saved edits (edit_manifest.json is missing)")
+        api = HfApi(token=args.token)
+        repo_id = api.create_repo(args.repo_id, private=args.private, exist_ok=True).repo_id
+        commit = api.upload_folder(repo_id=repo_id, folder_path=args.edits, **options)
+    else:
+        folder = _editor_folder(args.editor)
+        editor = MalmenEditorModel.from_pretrained(folder)
+        card_path = folder / "README.md"
+        model_card = ModelCard.load(card_path) if card_path.is_file() else None
+        commit = editor.push_to_hub(
+            args.repo_id, private=args.private, token=args.token, model_card=model_card, **options
+        )
+    print(f"Pushed to {args.repo_id}: {commit}")
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -275,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="scores to compute (default: all): " + "; ".join(f"{name}: {text}" for name, text in SCORES.items()),
     )
     eval_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    eval_parser.add_argument(
+        "--update-card",
+        action="store_true",
+        help="write the scores after the edit into the editor folder's model card (its results for other N stay)",
+    )
     eval_parser.set_defaults(run=evaluate_editor)
 
     card_parser = commands.add_parser("card", help="write the model card (README.md) of a saved editor")
@@ -285,6 +383,33 @@ def build_parser() -> argparse.ArgumentParser:
     card_parser.add_argument("--dataset", help="the data the results were measured on")
     card_parser.add_argument("--output", help="where to write the card (default: <editor>/README.md)")
     card_parser.set_defaults(run=card)
+
+    edit_parser = commands.add_parser("edit", help="edit a model with facts, print the answers before and after, save")
+    edit_parser.add_argument("--model", default="smollm2-135m", help="short name, local folder or Hub id")
+    edit_parser.add_argument("--editor", default=str(SHIPPED_EDITOR), help="a saved editor (folder or Hub id)")
+    edit_parser.add_argument("--facts", help="facts to edit (JSON or JSONL, any format `train` reads)")
+    edit_parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="format of --facts")
+    edit_parser.add_argument(
+        "--fact", nargs=2, action="append", metavar=("PROMPT", "TARGET"), help="a fact to edit (repeatable)"
+    )
+    edit_parser.add_argument("--show", type=int, default=10, help="facts whose answers are printed")
+    edit_parser.add_argument("--batch-size", type=int, default=32, help="facts per base-model pass")
+    edit_parser.add_argument("--save-model", help="save the edited model here (an ordinary transformers folder)")
+    edit_parser.add_argument("--save-edits", help="save the edit artifact here (shifts + manifest)")
+    edit_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    edit_parser.set_defaults(run=edit)
+
+    push_parser = commands.add_parser("push", help="upload a saved editor or edit artifact to the Hugging Face Hub")
+    what = push_parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--editor", help="a saved editor folder (its README.md card goes along, or one is rendered)")
+    what.add_argument("--edits", help="a saved edit artifact folder (from `edit --save-edits` or `handle.save`)")
+    push_parser.add_argument("--repo-id", required=True, help="the Hub repository, e.g. org/name")
+    push_parser.add_argument("--private", action="store_true", help="create the repository private")
+    push_parser.add_argument("--token", help="Hub token (default: the stored login)")
+    push_parser.add_argument("--revision", help="branch to push to")
+    push_parser.add_argument("--commit-message", help="message of the commit")
+    push_parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push_parser.set_defaults(run=push)
     return parser
 
 

@@ -106,3 +106,69 @@ def test_card_from_eval_results_and_a_failed_write_keeps_the_old_card(saved, cap
     assert "has no results for method 'malmen'" in capsys.readouterr().err
     assert (folder / "editor" / "README.md").read_text() == card
     assert [path.name for path in (folder / "editor").glob(".*")] == []
+
+
+def test_eval_update_card_keeps_the_results_of_other_n(saved, capsys):
+    folder, _, _ = saved
+    common = ["eval", "--model", str(folder / "model"), "--editor", str(folder / "editor"), "--data",
+              str(folder / "cf.json"), "--scores", "ES", "GS", "--update-card", "--json"]  # fmt: skip
+    main([*common, "--num-facts", "3"])
+    main([*common, "--num-facts", "1"])
+    main([*common, "--num-facts", "3"])  # replaces its own row
+    runs = [json.loads(chunk) for chunk in capsys.readouterr().out.replace("}\n{", "}\n\x00{").split("\x00")]
+    card = (folder / "editor" / "README.md").read_text()
+    assert card.count("\n| 1 | ") == 1 and card.count("\n| 3 | ") == 1
+    assert f"| 3 | {runs[2]['after']['ES']:.3f} | {runs[2]['after']['GS']:.3f} |" in card
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", str(folder / "model"), "--data", str(folder / "cf.json"), "--update-card"])
+    assert "--update-card needs --editor" in capsys.readouterr().err
+
+
+def test_edit_prints_answers_and_saves_the_model_and_the_artifact(saved, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from malmen_hf import load_edits
+    from tests.conftest import assert_bit_identical, snapshot
+
+    folder, model, _ = saved
+    main([
+        "edit", "--model", str(folder / "model"), "--editor", str(folder / "editor"),
+        "--facts", str(folder / "cf.json"), "--fact", "The capital of France is", "Berlin", "--save-model", str(folder / "edited"),
+        "--save-edits", str(folder / "edits"), "--json",
+    ])  # fmt: skip
+    output = json.loads(capsys.readouterr().out)
+    assert output["num_facts"] == 4 and output["answers"][3]["target"] == "Berlin"
+    edited = AutoModelForCausalLM.from_pretrained(folder / "edited")  # an ordinary transformers model
+    load_edits(model, folder / "edits")  # the artifact reproduces it on a fresh copy
+    assert_bit_identical(model, snapshot(edited))
+
+
+def test_edit_without_facts_fails_in_one_line(saved, capsys):
+    folder, _, _ = saved
+    with pytest.raises(SystemExit):
+        main(["edit", "--model", str(folder / "model"), "--editor", str(folder / "editor")])
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "malmen-hf edit: error: no facts: give --facts FILE and/or --fact PROMPT TARGET"
+    )
+
+
+def test_push_an_editor_with_its_card_and_an_edit_artifact(saved, monkeypatch, capsys):
+    from tests.test_hub import FakeHfApi
+
+    folder, _, _ = saved
+    FakeHfApi.calls = []
+    FakeHfApi.uploaded = folder / "uploaded"
+    monkeypatch.setattr("malmen_hf.modeling_malmen.HfApi", FakeHfApi)
+    monkeypatch.setattr("malmen_hf.cli.HfApi", FakeHfApi)
+    (folder / "editor" / "README.md").write_text("---\nlicense: mit\n---\n# My card\n")
+    main(["push", "--editor", str(folder / "editor"), "--repo-id", "org/editor", "--private"])
+    assert (folder / "uploaded" / "README.md").read_text().endswith("# My card\n")  # the folder's own card
+    assert FakeHfApi.calls[0][:3] == ("create_repo", "org/editor", True)
+
+    main(["edit", "--model", str(folder / "model"), "--editor", str(folder / "editor"), "--fact", "a b", "c",
+          "--save-edits", str(folder / "edits")])  # fmt: skip
+    FakeHfApi.uploaded = folder / "uploaded-edits"
+    main(["push", "--edits", str(folder / "edits"), "--repo-id", "org/edits", "--create-pr"])
+    assert sorted(FakeHfApi.calls[-1][2]) == ["edit_manifest.json", "edit_shifts.safetensors"]
+    assert FakeHfApi.calls[-1][3]["create_pr"] is True
+    assert "Pushed to org/edits" in capsys.readouterr().out
