@@ -133,8 +133,8 @@ def test_edit_prints_answers_and_saves_the_model_and_the_artifact(saved, capsys)
     folder, model, _ = saved
     main([
         "edit", "--model", str(folder / "model"), "--editor", str(folder / "editor"),
-        "--facts", str(folder / "cf.json"), "--fact", "The capital of France is", "Berlin", "--save-model", str(folder / "edited"),
-        "--save-edits", str(folder / "edits"), "--json",
+        "--facts", str(folder / "cf.json"), "--fact", "The capital of France is", "Berlin",
+        "--save-model", str(folder / "edited"), "--save-edits", str(folder / "edits"), "--json",
     ])  # fmt: skip
     output = json.loads(capsys.readouterr().out)
     assert output["num_facts"] == 4 and output["answers"][3]["target"] == "Berlin"
