@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .caching import scored_logits
+from .caching import frozen, scored_logits
 from .facts import (
     CLASSIFIER_LABELS,
     IGNORE_INDEX,
@@ -64,9 +64,7 @@ def _scan_targets(model, tokenizer, prompts, targets, batch_size, reduce) -> lis
     kind = model_kind(model)
     examples = tokenize_examples(tokenizer, prompts, targets, kind)
     results: list = [None] * len(examples)
-    was_training = model.training
-    model.eval()
-    try:
+    with frozen(model):  # eval mode (no dropout), restored afterwards
         for indices in batches_by_length(examples, batch_size):
             batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), kind)
             mask = batch["labels"] != IGNORE_INDEX
@@ -77,8 +75,6 @@ def _scan_targets(model, tokenizer, prompts, targets, batch_size, reduce) -> lis
                 indices, reduced.split(lengths), target_ids.split(lengths), strict=True
             ):
                 results[index] = (values, row_targets)
-    finally:
-        model.train(was_training)
     return results
 
 
@@ -319,9 +315,7 @@ def greedy_exact_match(
     pad_id = pad_id_of(tokenizer)
     device = model.get_input_embeddings().weight.device
     matches = [0.0] * len(examples)
-    was_training = model.training
-    model.eval()
-    try:
+    with frozen(model):
         for indices in batches_by_length(examples, batch_size):
             inputs, answers = zip(*(_prompt_and_answer(examples[i], kind) for i in indices), strict=True)
             input_ids, attention_mask = _pad_prompts(inputs, pad_id, left=kind == "causal")
@@ -337,8 +331,6 @@ def greedy_exact_match(
             for index, row, answer in zip(indices, new_tokens.tolist(), answers, strict=True):
                 generated = tokenizer.decode(row[: len(answer)], skip_special_tokens=True).strip()
                 matches[index] = float(generated == tokenizer.decode(answer, skip_special_tokens=True).strip())
-    finally:
-        model.train(was_training)
     return matches
 
 
