@@ -1,0 +1,91 @@
+"""Finding and shifting the linear layers MALMEN edits, whatever the architecture."""
+
+import re
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .functional import at_least_float32
+
+# The MLP output projection of each architecture family, as (pattern, how many of the last blocks to edit).
+# The first family whose pattern matches a module of the model wins.
+DEFAULT_EDIT_PATTERNS: dict[str, list[str]] = {
+    "gpt2": [r"transformer\.h\.(\d+)\.mlp\.c_proj"],
+    "gptj": [r"transformer\.h\.(\d+)\.mlp\.fc_out"],
+    "gpt_neox": [r"gpt_neox\.layers\.(\d+)\.mlp\.dense_4h_to_h"],
+    "llama": [r"layers\.(\d+)\.mlp\.down_proj"],  # Llama, Mistral, Qwen2, Gemma, Phi-3
+    "t5": [
+        r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo",
+        r"decoder\.block\.(\d+)\.layer\.2\.DenseReluDense\.wo",
+    ],
+    "bert": [r"encoder\.layer\.(\d+)\.output\.dense"],
+}
+DEFAULT_NUM_EDITED_BLOCKS = 6
+
+
+def default_edit_modules(model: nn.Module, num_blocks: int | None = None) -> list[str]:
+    """
+    Names of the MLP output projections of the last blocks of `model`: the paper's choice of edited layers.
+
+    Args:
+        model (`nn.Module`): The base model.
+        num_blocks (`int`, *optional*):
+            How many of the last blocks to edit (per stack for encoder-decoder models). Defaults to 6 for decoder-only
+            and encoder-only models and 3 per stack for encoder-decoder models.
+    """
+    names = [name for name, _ in model.named_modules()]
+    for patterns in DEFAULT_EDIT_PATTERNS.values():
+        per_stack = [_match_blocks(names, pattern) for pattern in patterns]
+        if not all(per_stack):
+            continue
+        if num_blocks is None:
+            num_blocks = DEFAULT_NUM_EDITED_BLOCKS // len(patterns)
+        selected = []
+        for matches in per_stack:
+            selected += [name for _, name in sorted(matches)[-num_blocks:]]
+        return selected
+    raise ValueError(
+        f"Cannot pick default layers to edit for a {type(model).__name__}: none of the known architecture families "
+        f"({', '.join(DEFAULT_EDIT_PATTERNS)}) matches its module names. Pass `edit_modules=[...]` with the names of "
+        "the nn.Linear layers to edit (see `model.named_modules()`)."
+    )
+
+
+def _match_blocks(names: list[str], pattern: str) -> list[tuple[int, str]]:
+    regex = re.compile(rf"(?:^|.*\.){pattern}$")
+    return [(int(match.group(1)), name) for name in names if (match := regex.match(name))]
+
+
+def get_edit_module(model: nn.Module, name: str) -> nn.Module:
+    """Returns the editable linear layer `name` of `model`, or raises a `ValueError` saying what is wrong."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(
+            f"The model ({type(model).__name__}) has no module named {name!r}: this editor was built for another "
+            "architecture. Build one for this model with `MalmenEditorModel.for_model(model)`."
+        ) from None
+    if not isinstance(module, (nn.Linear, Conv1D)):
+        raise ValueError(
+            f"Module {name!r} is a {type(module).__name__}; MALMEN edits only nn.Linear and Conv1D layers."
+        )
+    return module
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """The `(d_in, d_out)` of a linear layer: `nn.Linear` stores `(d_out, d_in)`, GPT-2's `Conv1D` `(d_in, d_out)`."""
+    if isinstance(module, Conv1D):
+        d_in, d_out = module.weight.shape
+    else:
+        d_out, d_in = module.weight.shape
+    return int(d_in), int(d_out)
+
+
+def shifted_weight(module: nn.Module, shift: torch.Tensor) -> torch.Tensor:
+    """
+    The layer's weight plus a `(d_in, d_out)` shift, added in (at least) float32 and cast once to the weight's dtype.
+    """
+    weight = module.weight
+    delta = shift if isinstance(module, Conv1D) else shift.T
+    return (at_least_float32(weight.detach()) + delta.to(weight.device)).to(weight.dtype)

@@ -1,0 +1,333 @@
+"""The MALMEN editor: hyper-networks that turn a base model's keys and value gradients into pseudo pairs."""
+
+import importlib
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from huggingface_hub import HfApi
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+
+from .configuration_malmen import MalmenConfig
+from .editing import EditHandle, apply_edits, attach_editor
+from .facts import FactLike
+from .functional import value_differences
+from .layers import default_edit_modules, get_edit_module, weight_shape
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+class MalmenNormalizer(nn.Module):
+    """Per-feature running mean and variance of the hyper-network's inputs, frozen outside editor training."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("var", torch.ones(size))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """
+        Merges the statistics of the rows of `x` into the running ones (Chan et al.'s parallel algorithm).
+        `all_reduce` (a sum across processes) merges the rows of every process, so all keep the same statistics.
+        """
+        x = x.detach().to(torch.float64).reshape(-1, x.shape[-1])
+        sums = torch.stack((x.sum(0), x.square().sum(0), torch.full_like(x[0], x.shape[0])))
+        if all_reduce is not None:
+            sums = all_reduce(sums)
+        batch_count = sums[2, 0]
+        if batch_count == 0:
+            return
+        batch_mean = sums[0] / batch_count
+        batch_var = (sums[1] / batch_count - batch_mean.square()).clamp_min(0)
+        if self.count == 0:
+            # The initial (0, 1) statistics only make an untrained editor the identity: do not average them in.
+            self.mean.copy_(batch_mean)
+            self.var.copy_(batch_var)
+            self.count.copy_(batch_count)
+            return
+        total = self.count + batch_count
+        weight = batch_count / total
+        delta = batch_mean - self.mean
+        self.mean.copy_(self.mean + delta * weight)
+        self.var.copy_(self.var * (1 - weight) + batch_var * weight + delta.square() * weight * (1 - weight))
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.var.sqrt().clamp_min(self.eps)
+
+
+class MalmenBlock(nn.Module):
+    """`x + scale[m] * relu(x A B + b) + shift[m]`: B starts at zero, so a fresh block is the identity."""
+
+    def __init__(self, size: int, rank: int, num_layers: int):
+        super().__init__()
+        rank = min(rank, size)
+        self.A = nn.Parameter(torch.empty(size, rank))
+        self.B = nn.Parameter(torch.empty(rank, size))
+        self.bias = nn.Parameter(torch.empty(size))
+        self.scale = nn.Parameter(torch.empty(num_layers, size))
+        self.shift = nn.Parameter(torch.empty(num_layers, size))
+
+    def forward(self, x: torch.Tensor, layer_index: int) -> torch.Tensor:
+        hidden = torch.relu(x @ self.A @ self.B + self.bias)
+        return x + self.scale[layer_index] * hidden + self.shift[layer_index]
+
+
+class MalmenNet(nn.Module):
+    """The hyper-network shared by all edited layers of one `(d_in, d_out)` shape, with per-layer lr and lambda."""
+
+    def __init__(self, d_in: int, d_out: int, config: MalmenConfig, num_layers: int):
+        super().__init__()
+        self.d_in, self.d_out = d_in, d_out
+        size = d_in + d_out
+        self.normalizer = MalmenNormalizer(size, config.normalizer_eps)
+        self.blocks = nn.ModuleList(MalmenBlock(size, config.rank, num_layers) for _ in range(config.n_blocks))
+        self.lr = nn.Parameter(torch.empty(num_layers))
+        self.lamda = nn.Parameter(torch.empty(num_layers))  # log of the ridge coefficient ("lambda" is a keyword)
+
+    def forward(
+        self, keys: torch.Tensor, value_grads: torch.Tensor, layer_index: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.normalizer(torch.cat((keys, value_grads), dim=-1))
+        for block in self.blocks:
+            hidden = block(hidden, layer_index)
+        pseudo_keys, pseudo_value_grads = hidden.split([self.d_in, self.d_out], dim=-1)
+        return pseudo_keys, pseudo_value_grads
+
+
+class MalmenPreTrainedModel(PreTrainedModel):
+    config_class = MalmenConfig
+    base_model_prefix = "malmen"
+    main_input_name = "keys"
+    _no_split_modules = ["MalmenNet"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Every initial value lives here: from_pretrained builds modules on the meta device, then calls this.
+        if isinstance(module, MalmenBlock):
+            init.normal_(module.A, std=1.0 / math.sqrt(module.A.shape[0]))
+            init.zeros_(module.B)
+            init.zeros_(module.bias)
+            init.ones_(module.scale)
+            init.zeros_(module.shift)
+        elif isinstance(module, MalmenNormalizer):
+            init.zeros_(module.mean)
+            init.ones_(module.var)
+            init.zeros_(module.count)
+        elif isinstance(module, MalmenNet):
+            init.constant_(module.lr, self.config.lr_init)
+            init.constant_(module.lamda, self.config.lambda_init)
+
+
+class MalmenEditorModel(MalmenPreTrainedModel):
+    """
+    A MALMEN editor: one hyper-network per distinct shape of the edited layers. It maps the keys and value gradients
+    of a base model on a batch of facts to pseudo keys and value gradients; [`~MalmenEditorModel.apply_edits`]
+    aggregates them into one weight shift per layer by least squares and applies it to the base model in place.
+
+    Example:
+
+    ```python
+    >>> from malmen_hf import MalmenEditorModel
+    >>> editor = MalmenEditorModel.for_model(model, lr_init=1e-3)  # an untrained (training-free) editor
+    >>> handle = editor.apply_edits(model, [("The Eiffel Tower is in", "Rome")], tokenizer=tokenizer)
+    >>> handle.revert()  # the weights are back, bit for bit
+    ```
+    """
+
+    def __init__(self, config: MalmenConfig):
+        super().__init__(config)
+        layers_per_shape: dict[str, int] = {}
+        self._layer_index = {}
+        for name, key in zip(config.edit_modules, config.shape_keys, strict=True):
+            self._layer_index[name] = layers_per_shape.get(key, 0)
+            layers_per_shape[key] = self._layer_index[name] + 1
+        self.nets = nn.ModuleDict(
+            {
+                key: MalmenNet(*map(int, key.split("x")), config=config, num_layers=num_layers)
+                for key, num_layers in layers_per_shape.items()
+            }
+        )
+        self.post_init()
+
+    @classmethod
+    def for_model(
+        cls,
+        model: PreTrainedModel,
+        edit_modules: Sequence[str] | None = None,
+        **config_kwargs: Any,
+    ) -> "MalmenEditorModel":
+        """
+        Builds an untrained editor for `model`: the training-free mode, or the starting point of meta-training.
+
+        Args:
+            model ([`PreTrainedModel`]): The base model to edit.
+            edit_modules (`list[str]`, *optional*):
+                Names of the `nn.Linear` / `Conv1D` layers to edit. Defaults to the MLP output projections of the last
+                blocks, chosen per architecture family (see [`default_edit_modules`]).
+            config_kwargs:
+                Further [`MalmenConfig`] fields (`rank`, `n_blocks`, `lr_init`, `lambda_init`, `aggregation`, ...).
+        """
+        names = list(edit_modules) if edit_modules is not None else default_edit_modules(model)
+        shapes = [list(weight_shape(get_edit_module(model, name))) for name in names]
+        base_config = getattr(model, "config", None)
+        config_kwargs.setdefault("base_model_name_or_path", getattr(base_config, "_name_or_path", None) or None)
+        config = MalmenConfig(edit_modules=names, edit_module_shapes=shapes, **config_kwargs)
+        return cls(config)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """
+        [`~PreTrainedModel.save_pretrained`], plus a model card (`README.md`, see `malmen_hf.cards`) when the folder
+        has none yet and malmen-hf is installed (an existing card, e.g. one with results, is kept).
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        card_path = Path(save_directory) / "README.md"
+        if kwargs.get("is_main_process", True) and not card_path.exists():
+            card = _editor_card(self, editor_id=str(save_directory))
+            if card is not None:
+                card.save(card_path)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        model_card: Any = None,
+    ) -> Any:
+        """
+        Uploads the editor (config, safetensors weights, its code for `trust_remote_code`, and a model card) to the
+        Hub repository `repo_id` in one commit, creating the repository if needed.
+
+        Args:
+            repo_id (`str`): `"org/name"` (or `"name"` in your namespace).
+            commit_message (`str`, *optional*), commit_description (`str`, *optional*): Of the commit.
+            private (`bool`, *optional*): Visibility of a repository this call creates.
+            token (`str` or `bool`, *optional*): The Hub token (default: the stored one).
+            revision (`str`, *optional*): The branch to push to.
+            create_pr (`bool`, defaults to `False`): Open a pull request instead of committing to the branch.
+            model_card (`huggingface_hub.ModelCard`, *optional*): The card to upload; by default the one
+                `malmen_hf.cards.editor_card` renders for `repo_id` (with results when `config.training` has them).
+
+        Returns:
+            `huggingface_hub.CommitInfo`: the commit (or pull request) made.
+        """
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            card = model_card if model_card is not None else _editor_card(self, editor_id=repo_id)
+            if card is not None:
+                card.save(Path(folder) / "README.md")
+            self.save_pretrained(folder)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload MALMEN editor",
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+    def net_for(self, module_name: str) -> tuple[MalmenNet, int]:
+        """The hyper-network that serves `module_name` and the module's index among the layers it serves."""
+        key = self.config.shape_keys[self.config.edit_modules.index(module_name)]
+        return self.nets[key], self._layer_index[module_name]
+
+    def forward(
+        self, keys: torch.Tensor, value_grads: torch.Tensor, module_name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Maps keys `(n, d_in)` and value gradients `(n, d_out)` of the edited module `module_name` to the pseudo keys
+        and pseudo value gradients (in the normalized space of the hyper-network).
+        """
+        net, layer_index = self.net_for(module_name)
+        return net(keys, value_grads, layer_index)
+
+    def value_differences(self, keys: torch.Tensor, value_grads: torch.Tensor, module_name: str) -> torch.Tensor:
+        """The value difference `-lr[m] <k, k~> g~` of each token, for the least-squares aggregation."""
+        net, layer_index = self.net_for(module_name)
+        pseudo_keys, pseudo_value_grads = net(keys, value_grads, layer_index)
+        return value_differences(keys, pseudo_keys, pseudo_value_grads, net.lr[layer_index])
+
+    def apply_edits(
+        self,
+        model: PreTrainedModel,
+        facts: Iterable[FactLike],
+        *,
+        tokenizer: "PreTrainedTokenizerBase",
+        batch_size: int = 32,
+        editor_batch_size: int = 1024,
+        progress: bool = False,
+        keep_shifts: bool = True,
+    ) -> EditHandle:
+        """
+        Edits `model` in place so that it answers each fact's prompt with its target, with one least-squares (or
+        summed) weight shift per edited layer.
+
+        Args:
+            model ([`PreTrainedModel`]):
+                A causal or seq2seq language model with the layers this editor was built for.
+            facts (iterable of [`EditRequest`], `dict` or `(prompt, target)` pairs):
+                The facts to write into the model.
+            tokenizer ([`PreTrainedTokenizerBase`]):
+                The base model's tokenizer.
+            batch_size (`int`, defaults to 32):
+                Facts per forward/backward pass of the base model. Does not change the result.
+            editor_batch_size (`int`, defaults to 1024):
+                Token positions per pass of the hyper-network. Does not change the result.
+            progress (`bool`, defaults to `False`):
+                Show a progress bar over the base-model batches.
+            keep_shifts (`bool`, defaults to `True`):
+                Keep the weight shifts on the handle, so that `handle.save(folder)` can write them (they take as
+                much memory as the edited weights in float32: turn it off for very large edited layers).
+
+        Returns:
+            [`EditHandle`]: what changed (modules, shift norms, number of facts and tokens, timings); its `revert()`
+            restores the weights bit for bit. Nothing is changed when an error is raised.
+        """
+        return apply_edits(
+            self,
+            model,
+            facts,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            editor_batch_size=editor_batch_size,
+            progress=progress,
+            keep_shifts=keep_shifts,
+        )
+
+    def attach(self, model: PreTrainedModel, tokenizer: "PreTrainedTokenizerBase") -> PreTrainedModel:
+        """
+        Gives `model` the methods `apply_edits(facts, ...)`, `revert_edits()` and `detach_editor()`, backed by this
+        editor and `tokenizer`. The model keeps its class name, so `model.save_pretrained` is unaffected.
+
+        Returns:
+            The same `model` object.
+        """
+        return attach_editor(model, self, tokenizer)
+
+
+__all__ = ["MalmenEditorModel", "MalmenPreTrainedModel"]
+
+
+def _editor_card(editor: MalmenEditorModel, editor_id: str) -> Any:
+    """The editor's model card, or `None` where malmen-hf is not installed (this file loaded as Hub remote code)."""
+    try:
+        cards = importlib.import_module("malmen_hf.cards")  # not a relative import: remote code does not copy it
+    except ImportError:
+        return None
+    return cards.editor_card(editor, editor_id=editor_id)
