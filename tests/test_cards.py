@@ -1,6 +1,9 @@
+import os
+from pathlib import Path
+
 from huggingface_hub import ModelCard
 
-from malmen_hf import MalmenEditorModel
+from malmen_hf import MalmenConfig, MalmenEditorModel
 from malmen_hf.cards import editor_card
 
 RESULTS = [{"n": 1, "ES": 1.0, "GS": 0.5, "LS": 0.875}, {"n": 100, "ES": 0.91, "GS": 0.25, "LS": None}]
@@ -36,3 +39,24 @@ def test_editor_card_without_results_or_training(gpt2):
     card = editor_card(MalmenEditorModel.for_model(model, rank=4))
     assert "model-index" not in card.data.to_dict()
     assert "## Results" not in card.content and "## Training" not in card.content
+
+
+GOLDEN = Path(__file__).parent / "golden" / "editor_card.md"
+
+
+def test_golden_card():
+    """The whole rendered card, compared with the reviewed copy (regenerate it with UPDATE_GOLDEN=1)."""
+    config = MalmenConfig(
+        edit_modules=["model.layers.28.mlp.down_proj", "model.layers.29.mlp.down_proj"],
+        edit_module_shapes=[[1536, 576], [1536, 576]],
+        rank=256,
+        token_positions="all",
+        base_model_name_or_path="smollm2-135m",
+        training={"facts_per_step": 32, "meta_lr": 0.0002, "c_loc": 3.0, "steps": 300, "best_score": 0.512},
+    )
+    results = [{"n": 1, "ES": 0.8, "GS": 0.2, "LS": 0.7}, {"n": 1000, "ES": 0.183, "GS": 0.084, "LS": 0.721}]
+    card = editor_card(MalmenEditorModel(config), results, editor_id="org/malmen-smollm2", dataset="counterfact",
+                       results_command="python benchmarks/quality.py")  # fmt: skip
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.write_text(str(card))
+    assert str(card) == GOLDEN.read_text()
