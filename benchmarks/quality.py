@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         if n > len(requests):
             print(f"N={n}: skipped, {args.data} has only {len(requests)} facts", flush=True)
             continue
-        groups = [requests[i : i + 1] for i in range(args.single_trials)] if n == 1 else [requests[:n]]
+        edited = [requests[i : i + 1] for i in range(args.single_trials)] if n == 1 else [requests[:n]]
+        groups = [prepare_group(group, model, tokenizer, args) for group in edited]  # shared by every method
         for method in args.methods:
             if method == "fine_tuning" and n > args.ft_max_n:
                 row = {"method": method, "n": n, "skipped": f"N > --ft-max-n ({args.ft_max_n}): too slow here"}
@@ -171,12 +172,16 @@ def set_lr_and_lambda(editor: MalmenEditorModel, lr: float, log_lambda: float) -
             net.lamda.fill_(log_lambda)
 
 
+def prepare_group(group: list, model, tokenizer, args) -> tuple[list, list, list]:
+    """The facts edited at once, the ones scored, and the unedited model's locality predictions on those."""
+    scored = score_sample(group, args.score_sample)
+    return group, scored, locality_predictions(model, tokenizer, scored, args.batch_size)
+
+
 def run_method(method, editors, model, tokenizer, groups, args) -> dict:
     """Edits each group at once with `method`, scores it, reverts; returns the scores averaged over groups."""
     totals, seconds = {}, 0.0
-    for group in groups:
-        scored = score_sample(group, args.score_sample)
-        before = locality_predictions(model, tokenizer, scored, args.batch_size)
+    for group, scored, before in groups:
         start = time.perf_counter()
         revert = apply_method(method, editors, model, tokenizer, group, args)
         seconds += time.perf_counter() - start

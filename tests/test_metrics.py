@@ -19,20 +19,27 @@ from malmen_hf.metrics import (
     token_match_scores,
 )
 
+PROMPTS, TARGETS = ["The capital of France is", "Apple was founded by"], ["Paris, France", "Steve Jobs"]
+
+
+def target_positions_by_hand(model, tokenizer, prompt, target):
+    """The logits predicting each target token, and those tokens, from one unpadded forward pass."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full_ids = tokenizer(f"{prompt} {target}")["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([full_ids])).logits[0]
+    positions = range(len(prompt_ids), len(full_ids))
+    return torch.stack([logits[t - 1] for t in positions]), torch.tensor([full_ids[t] for t in positions])
+
 
 def test_token_accuracy_matches_a_hand_computation(gpt2):
     model, tokenizer = gpt2
-    prompts, targets = ["The capital of France is", "Apple was founded by"], ["Paris, France", "Steve Jobs"]
     expected = []
-    for prompt, target in zip(prompts, targets, strict=True):
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        full_ids = tokenizer(f"{prompt} {target}")["input_ids"]
-        with torch.no_grad():
-            predictions = model(torch.tensor([full_ids])).logits[0].argmax(-1)
-        hits = [predictions[t - 1] == full_ids[t] for t in range(len(prompt_ids), len(full_ids))]
-        expected.append(sum(hits).item() / len(hits))
-    assert token_accuracy(model, tokenizer, prompts, targets, batch_size=1) == expected
-    assert token_accuracy(model, tokenizer, prompts, targets) == expected
+    for prompt, target in zip(PROMPTS, TARGETS, strict=True):
+        logits, target_ids = target_positions_by_hand(model, tokenizer, prompt, target)
+        expected.append((logits.argmax(-1) == target_ids).sum().item() / len(target_ids))
+    assert token_accuracy(model, tokenizer, PROMPTS, TARGETS, batch_size=1) == expected
+    assert token_accuracy(model, tokenizer, PROMPTS, TARGETS) == expected
 
 
 def test_greedy_answers_match_one_prompt_at_a_time(gpt2):
@@ -73,16 +80,12 @@ def test_edit_scores_revert_the_edit(gpt2):
 
 def test_target_log_probs_match_a_hand_computation(gpt2):
     model, tokenizer = gpt2
-    prompts, targets = ["The capital of France is", "Apple was founded by"], ["Paris, France", "Steve Jobs"]
     expected = []
-    for prompt, target in zip(prompts, targets, strict=True):
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        full_ids = tokenizer(f"{prompt} {target}")["input_ids"]
-        with torch.no_grad():
-            log_probs = torch.log_softmax(model(torch.tensor([full_ids])).logits[0], -1)
-        expected.append(torch.stack([log_probs[t - 1, full_ids[t]] for t in range(len(prompt_ids), len(full_ids))]))
-    got = target_log_probs(model, tokenizer, prompts, targets)
-    assert got == pytest.approx([float(values.mean()) for values in expected], abs=1e-5)
+    for prompt, target in zip(PROMPTS, TARGETS, strict=True):
+        logits, target_ids = target_positions_by_hand(model, tokenizer, prompt, target)
+        expected.append(torch.log_softmax(logits, -1).gather(-1, target_ids[:, None]).mean())
+    got = target_log_probs(model, tokenizer, PROMPTS, TARGETS)
+    assert got == pytest.approx([float(value) for value in expected], abs=1e-5)
 
 
 def _greedy_one_at_a_time(model, tokenizer, prompt, target):
