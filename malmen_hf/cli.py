@@ -44,55 +44,72 @@ TRAINING_FREE_LAMBDA = 0.0
 def demo(args: argparse.Namespace) -> None:
     """Edits a real model with a few hundred facts at once, shows the answers change, then reverts them."""
     torch.manual_seed(0)
-    print(f"Loading {args.model} ...", flush=True)
+    _status(f"Loading {args.model} ...")
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.editor != "training-free" and (args.editor != str(SHIPPED_EDITOR) or SHIPPED_EDITOR.is_dir()):
         editor = MalmenEditorModel.from_pretrained(args.editor)
-        print(f"Editor: {args.editor}")
+        _status(f"Editor: {args.editor}")
     else:
         editor = MalmenEditorModel.for_model(
             model, lr_init=args.lr, lambda_init=args.log_lambda, n_blocks=0, base_model_name_or_path=args.model
         )
-        print(f"Editor: training-free (untrained hyper-network, lr={args.lr:g}, lambda={args.log_lambda:g})")
+        _status(f"Editor: training-free (untrained hyper-network, lr={args.lr:g}, lambda={args.log_lambda:g})")
     data = Path(args.data)
     requests = load_edit_requests(data, "counterfact", limit=args.num_facts) if data.is_file() else []
     if not requests:
-        print(f"({data} not found: editing the hand-written facts only)")
+        _status(f"({data} not found: editing the hand-written facts only)")
     requests += HAND_WRITTEN_FACTS
     shown = HAND_WRITTEN_FACTS + requests[: args.show]
     editor.attach(model, tokenizer)
 
-    print(f"Scoring the unedited model on {len(requests)} facts ...", flush=True)
+    _status(f"Scoring the unedited model on {len(requests)} facts ...")
     before = greedy_answers(model, tokenizer, [request.prompt for request in shown])
     locality_before = locality_predictions(model, tokenizer, requests)
     scores_before = scores_of_model(model, tokenizer, requests, locality_before, scores=list(DEMO_SCORES))
     start = time.perf_counter()
     handle = model.apply_edits(requests, batch_size=args.batch_size, progress=True)
     seconds = time.perf_counter() - start
-    print("Scoring the edited model ...", flush=True)
+    _status("Scoring the edited model ...")
     after = greedy_answers(model, tokenizer, [request.prompt for request in shown])
     scores_after = scores_of_model(model, tokenizer, requests, locality_before, scores=list(DEMO_SCORES))
+    model.revert_edits()
+    restored = greedy_answers(model, tokenizer, [request.prompt for request in shown])
 
+    answers = [
+        {"prompt": r.prompt, "target": r.target, "before": b, "after": a, "after_revert": c}
+        for r, b, a, c in zip(shown, before, after, restored, strict=True)
+    ]
+    if args.json:
+        summary = {"num_facts": handle.num_facts, "num_target_tokens": handle.num_tokens, "edit_seconds": seconds}
+        summary |= {"timings": handle.timings, "num_layers": len(handle.modules), "answers": answers}
+        summary |= {"before": scores_before, "after": scores_after, "reverted": restored == before}
+        print(json.dumps(summary, indent=1))
+    else:
+        _print_demo(handle, seconds, answers, scores_before, scores_after, restored == before)
+    if restored != before:
+        sys.exit(1)
+
+
+def _print_demo(handle, seconds, answers, scores_before, scores_after, reverted) -> None:
     timings = handle.timings
     print(
         f"\nEdited {handle.num_facts} facts ({handle.num_tokens} target tokens) in one call, {seconds:.1f} s "
         f"(caching {timings['caching']:.1f} s, hyper-network {timings['hypernetwork']:.1f} s, "
         f"solve+apply {timings['solve_and_apply']:.1f} s), {len(handle.modules)} layers.\n"
     )
-    rows = [[r.prompt, r.target, b, a] for r, b, a in zip(shown, before, after, strict=True)]
+    rows = [[row["prompt"], row["target"], row["before"], row["after"]] for row in answers]
     print(_table(["prompt", "new target", "answer before", "answer after"], rows))
     rows = [
         [f"{name} ({key})", f"{scores_before[key]:.3f}", f"{scores_after[key]:.3f}"]
         for key, name in DEMO_SCORES.items()
     ]
     print("\n" + _table(["score over all edited facts", "before", "after"], rows))
+    print(f"\nReverted: {'all original answers are back' if reverted else 'SOME ANSWERS DIFFER AFTER REVERT'}.")
 
-    model.revert_edits()
-    restored = greedy_answers(model, tokenizer, [request.prompt for request in shown])
-    status = "all original answers are back" if restored == before else "SOME ANSWERS DIFFER AFTER REVERT"
-    print(f"\nReverted: {status}.")
-    if restored != before:
-        sys.exit(1)
+
+def _status(message: str) -> None:
+    """Progress messages go to stderr (beside the progress bars), so that `--json` output stays parseable."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def _table(header: list[str], rows: list[list[str]], width: int = 44) -> str:
@@ -325,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument(
         "--log-lambda", type=float, default=TRAINING_FREE_LAMBDA, help="training-free editor's log ridge coefficient"
     )
+    demo_parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     demo_parser.set_defaults(run=demo)
 
     train_parser = commands.add_parser("train", help="meta-train an editor for a model on a data file")

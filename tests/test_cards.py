@@ -1,6 +1,8 @@
 import os
+import re
 from pathlib import Path
 
+import torch
 from huggingface_hub import ModelCard
 
 from malmen_hf import MalmenConfig, MalmenEditorModel
@@ -60,3 +62,20 @@ def test_golden_card():
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.write_text(str(card))
     assert str(card) == GOLDEN.read_text()
+
+
+def test_card_usage_snippet_runs(gpt2, tmp_path):
+    """The card's usage code, run as written against a saved base model and editor, edits and reverts."""
+    model, tokenizer = gpt2
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    editor = MalmenEditorModel.for_model(model, rank=4, base_model_name_or_path=str(tmp_path / "base"))
+    editor.save_pretrained(tmp_path / "editor")
+    card = editor_card(editor, editor_id=str(tmp_path / "editor"))
+
+    snippet = re.search(r"```python\n(.*?)```", card.content, re.DOTALL).group(1)
+    namespace = {}
+    exec(snippet, namespace)
+    assert len(namespace["handle"].facts) == 1
+    edited = namespace["model"]
+    assert all(torch.equal(edited.state_dict()[name], value) for name, value in model.state_dict().items())

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from malmen_hf import MalmenEditorModel, load_edit_requests
-from malmen_hf.cli import main
+from malmen_hf.cli import DEMO_SCORES, HAND_WRITTEN_FACTS, main
 from malmen_hf.metrics import SCORES, edit_scores, locality_predictions, scores_of_model
 from tests import tiny
 
@@ -60,6 +60,23 @@ def test_eval_prints_the_scores_of_an_independent_computation(saved, capsys):
     assert results["num_facts"] == 2
     assert results["before"] == pytest.approx(scores_of_model(model, tokenizer, requests, before, scores=list(SCORES)))
     assert results["after"] == pytest.approx(edit_scores(editor, model, tokenizer, requests, scores=list(SCORES)))
+
+
+def test_demo_json_reports_the_edit_and_the_revert(saved, capsys):
+    folder, model, tokenizer = saved
+    main([
+        "demo", "--model", str(folder / "model"), "--editor", str(folder / "editor"),
+        "--data", str(folder / "cf.json"), "--show", "1", "--json",
+    ])  # fmt: skip
+    output = json.loads(capsys.readouterr().out)  # stdout holds the JSON only: progress goes to stderr
+    requests = load_edit_requests(folder / "cf.json") + HAND_WRITTEN_FACTS
+    assert output["num_facts"] == len(requests) == 6 and output["reverted"]
+    assert [row["target"] for row in output["answers"]] == [r.target for r in HAND_WRITTEN_FACTS] + ["Islam"]
+    assert all(row["after_revert"] == row["before"] for row in output["answers"])
+    before, scores = locality_predictions(model, tokenizer, requests), list(DEMO_SCORES)
+    assert output["before"] == pytest.approx(scores_of_model(model, tokenizer, requests, before, scores=scores))
+    editor = MalmenEditorModel.from_pretrained(folder / "editor")
+    assert output["after"] == pytest.approx(edit_scores(editor, model, tokenizer, requests, scores=scores))
 
 
 def test_eval_table_without_an_editor(saved, capsys):
