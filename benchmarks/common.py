@@ -6,6 +6,7 @@ import ctypes.util
 import gc
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import threading
@@ -21,6 +22,11 @@ from malmen_hf.facts import IGNORE_INDEX, batches_by_length, collate, pad_id_of,
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command that ran `script` with `argv` (default: this process's), as typed from the repository root."""
+    return shlex.join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
 
 
 class PeakMemory:

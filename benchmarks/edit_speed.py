@@ -33,8 +33,6 @@ that an interrupted run keeps what it measured).
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -44,7 +42,7 @@ from torch import nn
 from malmen_hf import MalmenEditorModel
 from malmen_hf.models import load_model_and_tokenizer
 
-from common import MB, PeakMemory, machine_info, markdown_table, run_floor, sync
+from common import MB, PeakMemory, command_line, machine_info, markdown_table, run_floor, sync
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
@@ -152,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_floor(model, warmup, tokenizer, args.batch_size, device)
 
     report = {
-        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["edit_speed.py", *argv]),
+        "command": command_line(__file__, argv),
         "machine": machine_info(device),
         "settings": {
             "model": args.model,

@@ -29,8 +29,6 @@ an interrupted run keeps what it measured) and draws a PNG (metric vs N, one lin
 import argparse
 import json
 import random
-import shlex
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +41,7 @@ from malmen_hf.facts import IGNORE_INDEX, batches_by_length, collate, pad_id_of,
 from malmen_hf.metrics import SCORES, locality_predictions, scores_of_model
 from malmen_hf.models import load_model_and_tokenizer
 
-from common import machine_info, markdown_table
+from common import command_line, machine_info, markdown_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact"
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     requests = load_edit_requests(args.data, "counterfact")
     editors, settings = load_editors(args, model, tokenizer)
     results = {
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": command_line(__file__, argv),
         "machine": machine_info(model.device),
         "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, **settings},
         "rows": [],

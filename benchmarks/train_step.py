@@ -17,8 +17,6 @@ It prints a markdown table and writes JSON (default `benchmarks/results/train_st
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from malmen_hf import MalmenEditorModel, load_edit_requests
 from malmen_hf.models import load_model_and_tokenizer
 from malmen_hf.training import meta_gradient
 
-from common import MB, REPO_ROOT, PeakMemory, machine_info, markdown_table, run_floor, sync
+from common import MB, REPO_ROOT, PeakMemory, command_line, machine_info, markdown_table, run_floor, sync
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "train.json"
 COLUMNS = [
@@ -85,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.to(device).eval()
     needed = max(args.facts_per_step) * (args.steps + 1)
     requests = load_edit_requests(args.data, "counterfact", limit=needed)
-    report = {"command": shlex.join([sys.executable, *sys.argv]), "machine": machine_info(device), "results": []}
+    report = {"command": command_line(__file__), "machine": machine_info(device), "results": []}
     for facts_per_step in args.facts_per_step:
         editor = MalmenEditorModel.for_model(model, rank=args.rank).to(device)
         steps_of_facts = [requests[i * facts_per_step : (i + 1) * facts_per_step] for i in range(args.steps + 1)]
