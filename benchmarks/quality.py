@@ -22,8 +22,9 @@ Run from the repository root, on an otherwise idle machine (see `edit_speed.py` 
         --mend-editor runs/mend --tune
     python benchmarks/quality.py --n 1 10 100 --methods training_free no_edit --tune
 
-It prints a markdown table, writes JSON (default `benchmarks/results/quality.json`, rewritten after every N so that
-an interrupted run keeps what it measured) and draws a PNG (metric vs N, one line per method).
+It prints a markdown table, writes JSON (default `benchmarks/results/quality.json`, rewritten after every row so that
+an interrupted run keeps what it measured; `--resume` measures only the rows it lacks) and draws a PNG (metric vs N,
+one line per method).
 """
 
 import argparse
@@ -77,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results; the PNG goes beside it")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows --output already has from a run with the same settings and measure only the others",
+    )
     return parser.parse_args(argv)
 
 
@@ -95,13 +101,19 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, **settings},
         "rows": [],
     }
+    if args.resume:
+        results = resumed(results, args.output)
+    measured = {(row["method"], row["n"]) for row in results["rows"]}
     for n in args.n:
         if n > len(requests):
             print(f"N={n}: skipped, {args.data} has only {len(requests)} facts", flush=True)
             continue
+        methods = [method for method in args.methods if (method, n) not in measured]
+        if not methods:
+            continue
         edited = [requests[i : i + 1] for i in range(args.single_trials)] if n == 1 else [requests[:n]]
         groups = [prepare_group(group, model, tokenizer, args) for group in edited]  # shared by every method
-        for method in args.methods:
+        for method in methods:
             if method == "fine_tuning" and n > args.ft_max_n:
                 row = {"method": method, "n": n, "skipped": f"N > --ft-max-n ({args.ft_max_n}): too slow here"}
             else:
@@ -168,6 +180,25 @@ def set_lr_and_lambda(editor: MalmenEditorModel, lr: float, log_lambda: float) -
         for net in editor.nets.values():
             net.lr.fill_(lr)
             net.lamda.fill_(log_lambda)
+
+
+def resumed(results: dict, path: Path) -> dict:
+    """
+    `results` with the rows of the earlier run saved at `path`, which must have had the same settings (tuning
+    included) except the lists of N and methods, which only say which rows to measure; the earlier commands and
+    machines are kept under "earlier_runs" so every row stays traceable.
+    """
+    if not path.exists():
+        return results
+    earlier = json.loads(path.read_text())
+    ignored = {"resume", "n", "methods"}
+    mine = {k: v for k, v in results["settings"].items() if k not in ignored}
+    theirs = {k: v for k, v in earlier["settings"].items() if k not in ignored}
+    if mine != theirs:
+        differing = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        raise SystemExit(f"--resume: {path} was measured with other settings ({', '.join(differing)}); drop --resume")
+    runs = earlier.get("earlier_runs", []) + [{"command": earlier["command"], "machine": earlier["machine"]}]
+    return {**results, "earlier_runs": runs, "rows": earlier["rows"]}
 
 
 def prepare_group(group: list, model, tokenizer, args) -> tuple[list, list, list]:
