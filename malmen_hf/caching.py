@@ -128,7 +128,8 @@ def cache_keys_and_value_grads(
     Args:
         encoder_modules: the edited modules that sit in the encoder of an encoder-decoder model, or every edited
             module of a classifier; they use every non-padding (encoder) position.
-        token_positions: `"target"` (the positions scored on target tokens) or `"all"` (every non-padding position).
+        token_positions: `"target"` (the positions scored on target tokens), `"all"` (every non-padding position) or
+            `"subject_last"` (each row's `batch["subject_positions"]`).
     """
     recorder = _LayerRecorder(modules)
     with recorder.recording():
@@ -139,13 +140,10 @@ def cache_keys_and_value_grads(
 
     names = list(modules)
     grads = torch.autograd.grad(loss, [recorder.outputs[name] for name in names], allow_unused=True)
-    decoder_mask = batch["decoder_attention_mask"] if kind == "seq2seq" else batch["attention_mask"]
+    decoder_mask = _position_mask(batch, kind, token_positions)
     result = {}
     for name, grad in zip(names, grads, strict=True):
-        if name in encoder_modules:
-            mask = batch["attention_mask"]
-        else:
-            mask = label_mask if token_positions == "target" else decoder_mask.bool()
+        mask = batch["attention_mask"] if name in encoder_modules else decoder_mask
         keys = recorder.inputs[name]
         if grad is None:  # the layer does not reach the loss (e.g. a decoder layer after the last scored position)
             grad = torch.zeros_like(recorder.outputs[name])
@@ -154,10 +152,24 @@ def cache_keys_and_value_grads(
     return result
 
 
+def _position_mask(batch: dict[str, torch.Tensor], kind: "ModelKind", token_positions: str) -> torch.Tensor:
+    """Which positions of the (decoder) sequence the edited layers are read at, as a boolean `(batch, length)`."""
+    if token_positions == "target":
+        return batch["labels"] != IGNORE_INDEX
+    if token_positions == "subject_last":
+        mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+        mask[torch.arange(mask.shape[0]), batch["subject_positions"]] = True
+        return mask
+    return (batch["decoder_attention_mask"] if kind == "seq2seq" else batch["attention_mask"]).bool()
+
+
 @contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[None]:
-    """Puts `model` in eval mode with no parameter requiring gradients, and restores both afterwards."""
-    was_training = model.training
+    """
+    Puts `model` in eval mode with no parameter requiring gradients, and restores both afterwards: each module's own
+    mode (a model in training with a submodule in eval mode comes back so) and each parameter's flag.
+    """
+    modes = [(module, module.training) for module in model.modules()]
     flags = [(param, param.requires_grad) for param in model.parameters()]
     model.eval()  # dropout off: caching must be deterministic
     for param, _ in flags:
@@ -167,4 +179,5 @@ def frozen(model: nn.Module) -> Iterator[None]:
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training

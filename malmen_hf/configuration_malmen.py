@@ -65,8 +65,10 @@ class MalmenConfig(PreTrainedConfig):
             `"least_squares"` (MALMEN's normal equation) or `"sum"` (MEND's sum of per-token updates).
         token_positions (`str`, defaults to `"target"`):
             Which token positions of the edit prompts are cached: `"target"` (the positions scored on target tokens,
-            as in the paper) or `"all"` (every non-padding position). Encoder layers of seq2seq models always use
-            every non-padding encoder position.
+            as in the paper), `"all"` (every non-padding position) or `"subject_last"` (the last token of each fact's
+            `subject`, where ROME and MEMIT read their keys: a rephrasing that names the same subject sees the same
+            key, and a neighbour with another subject does not; every fact must then have a `subject`). Encoder
+            layers of seq2seq models always use every non-padding encoder position.
         normalizer_eps (`float`, defaults to 1e-5):
             Lower bound on the running standard deviation when normalizing the hyper-network's inputs.
         training (`dict`, *optional*):
@@ -92,7 +94,7 @@ class MalmenConfig(PreTrainedConfig):
     lr_init: float | int = validated_field(_finite, default=1e-6)
     lambda_init: float | int = validated_field(_finite, default=0.0)
     aggregation: Literal["least_squares", "sum"] = "least_squares"
-    token_positions: Literal["target", "all"] = "target"
+    token_positions: Literal["target", "all", "subject_last"] = "target"
     normalizer_eps: float | int = validated_field(_positive, default=1e-5)
     training: dict | None = None
 

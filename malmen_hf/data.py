@@ -29,6 +29,8 @@ class _Layout:
     locality_answer: str
     # The answer before the edit, read when present (for CounterFact's probability scores).
     ground_truth: str | None = None
+    # The entity the fact is about, read when present (for editors that read keys at the subject's last token).
+    subject: str | None = None
     # The generic format: only prompt and target are required, and unknown keys are an error (they are typos there).
     closed: bool = False
     # FEVER: the target and the locality answer are classifier labels.
@@ -43,6 +45,7 @@ class _Layout:
             "locality_prompt": self.locality_prompt,
             "locality_answer": self.locality_answer,
             **({"ground_truth": self.ground_truth} if self.ground_truth else {}),
+            **({"subject": self.subject} if self.subject else {}),
         }
 
     def required(self) -> tuple[str, ...]:
@@ -53,13 +56,19 @@ class _Layout:
 
 _LAYOUTS = {
     "counterfact": _Layout(
-        "prompt", "target_new", "rephrase_prompt", "locality_prompt", "locality_ground_truth", "ground_truth"
+        "prompt",
+        "target_new",
+        "rephrase_prompt",
+        "locality_prompt",
+        "locality_ground_truth",
+        "ground_truth",
+        "subject",
     ),
-    "zsre": _Layout("src", "alt", "rephrase", "loc", "loc_ans", "answers"),
+    "zsre": _Layout("src", "alt", "rephrase", "loc", "loc_ans", "answers", "subject"),
     "zsre_paper": _Layout("src", "ans", "rephrase", "loc", "loc_ans"),
     "fever": _Layout("prompt", "alt", "equiv_prompt", "unrel_prompt", "unrel_ans", labels=FEVER_LABELS),
     "generic": _Layout(
-        "prompt", "target", "rephrases", "locality_prompt", "locality_answer", "ground_truth", closed=True
+        "prompt", "target", "rephrases", "locality_prompt", "locality_answer", "ground_truth", "subject", closed=True
     ),
 }
 
@@ -77,16 +86,18 @@ def load_edit_requests(
     The formats, with the keys each reads (other keys are ignored, except in `"generic"`):
 
     - `"counterfact"` (CounterFact, simplified MEND-style form): `prompt` -> `target_new`; rephrases:
-      `rephrase_prompt`; locality: `locality_prompt` -> `locality_ground_truth`; `ground_truth` when present.
+      `rephrase_prompt`; locality: `locality_prompt` -> `locality_ground_truth`; `ground_truth` and `subject` when
+      present.
     - `"zsre"` (zsRE, MEND's split files): `src` -> `alt`; rephrases: `rephrase`; locality: `loc` -> `loc_ans`, kept
-      as given (e.g. `"nq question: who sings ..."`); the first of `answers`, when present, as `ground_truth`.
+      as given (e.g. `"nq question: who sings ..."`); the first of `answers`, when present, as `ground_truth`;
+      `subject` when present.
     - `"zsre_paper"` (zsRE, the MALMEN paper's files): `src` -> `ans`; rephrases: `rephrase`; locality: `loc` ->
       `loc_ans`.
     - `"fever"` (FEVER fact checking, for a binary classifier head): `prompt` -> `alt`; rephrases: `equiv_prompt`;
       locality: `unrel_prompt` -> `unrel_ans`. `alt` and `unrel_ans` must be `"SUPPORTS"` or `"REFUTES"`.
     - `"generic"`: `EditRequest`'s own field names: `prompt`, `target`, and optionally `rephrases` (a string or a
-      list of strings), `locality_prompt` and `locality_answer` (given together), `ground_truth`. Any other key is an
-      error.
+      list of strings), `locality_prompt` and `locality_answer` (given together), `ground_truth`, `subject`. Any
+      other key is an error.
 
     In every format but `"generic"` all five keys are required ([`FORMATS`] lists the required keys). A rephrase key
     may hold one string or a list of strings. A key whose value is `null` counts as missing.

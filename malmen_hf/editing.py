@@ -181,11 +181,28 @@ def cached_batches(
     """
     kind = model_kind(model)
     encoder_modules = _encoder_module_names(model, modules)
+    if editor.config.token_positions == "subject_last":
+        _check_subjects(examples, kind)
     with frozen(model), torch.enable_grad():
         for indices in batches:
             batch = collate([examples[i] for i in indices], pad_id, kind)
             yield cache_keys_and_value_grads(
                 model, modules, batch, kind, encoder_modules, editor.config.token_positions
+            )
+
+
+def _check_subjects(examples: list[TokenizedExample], kind: str) -> None:
+    """Keys read at the subject's last token need each fact's subject (and a causal model, whose prompt has it)."""
+    if kind != "causal":
+        raise ValueError(
+            f"token_positions='subject_last' is for causal language models; this is a {kind} model. Use an editor "
+            "with token_positions='target' or 'all'."
+        )
+    for index, example in enumerate(examples):
+        if example.subject_end is None:
+            raise ValueError(
+                f"fact {index}: this editor reads its keys at the subject's last token (token_positions="
+                "'subject_last'), so every fact needs a 'subject' that occurs in its prompt."
             )
 
 

@@ -25,6 +25,9 @@ class EditRequest:
         locality_answer (`str`, *optional*): The answer to `locality_prompt`.
         ground_truth (`str`, *optional*): The answer the model is expected to give before the edit (CounterFact's
             `ground_truth`), for the probability comparisons of [`~metrics.counterfact_scores`].
+        subject (`str`, *optional*): The entity the fact is about, as it is written in `prompt` (e.g.
+            `"The Eiffel Tower"`). Needed by editors that read their keys at the subject's last token
+            (`token_positions="subject_last"`).
     """
 
     prompt: str
@@ -33,6 +36,7 @@ class EditRequest:
     locality_prompt: str | None = None
     locality_answer: str | None = None
     ground_truth: str | None = None
+    subject: str | None = None
 
     def __post_init__(self):
         for name in ("prompt", "target"):
@@ -43,12 +47,14 @@ class EditRequest:
         if not all(isinstance(text, str) and text.strip() for text in rephrases):
             raise ValueError(f"'rephrases' must be non-empty strings, got {self.rephrases!r}")
         object.__setattr__(self, "rephrases", rephrases)
-        for name in ("locality_prompt", "locality_answer", "ground_truth"):
+        for name in ("locality_prompt", "locality_answer", "ground_truth", "subject"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"'{name}' must be a string or None, got {value!r}")
         if (self.locality_prompt is None) != (self.locality_answer is None):
             raise ValueError("'locality_prompt' and 'locality_answer' must be given together")
+        if self.subject is not None and (not self.subject.strip() or self.subject not in self.prompt):
+            raise ValueError(f"'subject' must be a non-empty part of the prompt {self.prompt!r}, got {self.subject!r}")
 
 
 FactLike = EditRequest | Mapping[str, Any] | Sequence[str]
@@ -118,13 +124,31 @@ class TokenizedExample:
 
     input_ids: list[int]
     labels: list[int]
+    subject_end: int | None = None
+    """The position of the subject's last token in `input_ids` (the encoder's for an encoder-decoder), if known."""
 
 
 def tokenize_edit_prompts(
     tokenizer: "PreTrainedTokenizerBase", requests: Sequence[EditRequest], kind: ModelKind
 ) -> list[TokenizedExample]:
-    """Teacher-forced `prompt -> target` examples of edit requests."""
-    return tokenize_examples(tokenizer, [r.prompt for r in requests], [r.target for r in requests], kind)
+    """Teacher-forced `prompt -> target` examples of edit requests, with the position of their subject if given."""
+    examples = tokenize_examples(tokenizer, [r.prompt for r in requests], [r.target for r in requests], kind)
+    for example, request in zip(examples, requests, strict=True):
+        if request.subject is not None and kind != "classifier":
+            example.subject_end = _subject_end(tokenizer, request.prompt, request.subject, kind)
+    return examples
+
+
+def _subject_end(tokenizer: "PreTrainedTokenizerBase", prompt: str, subject: str, kind: ModelKind) -> int:
+    """The position of the token that holds the last character of the last occurrence of `subject` in `prompt`."""
+    prompt, subject = (prompt.rstrip() if kind == "causal" else prompt.strip()), subject.strip()
+    last_char = prompt.rindex(subject) + len(subject) - 1
+    if tokenizer.is_fast:
+        # Character offsets are exact even when a token runs past the subject ("Darrieux's").
+        offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+        return next(i for i, (start, end) in enumerate(offsets) if start <= last_char < end)
+    # A slow tokenizer has no offsets: count the tokens up to the subject's end, as ROME and MEMIT do.
+    return min(len(_encode(tokenizer, prompt[: last_char + 1])), len(_encode(tokenizer, prompt))) - 1
 
 
 def tokenize_examples(
@@ -209,6 +233,9 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int, kind: ModelKind) 
     }
     if kind == "seq2seq":
         batch["decoder_attention_mask"] = _pad([[1] * len(example.labels) for example in examples], 0)
+    if any(example.subject_end is not None for example in examples):
+        # -1 where a fact has no subject; caching at the subject's token refuses such facts before it collates.
+        batch["subject_positions"] = torch.tensor([-1 if e.subject_end is None else e.subject_end for e in examples])
     return batch
 
 

@@ -111,6 +111,7 @@ EXPECTED = {
             "The official religion of Paul is",
             "Christianity",
             ground_truth="Christianity",
+            subject="Edwin of Northumbria",
         ),
         EditRequest(
             "Toko Yasuda, the",
@@ -119,6 +120,7 @@ EXPECTED = {
             "John Lennon performs on the",
             "guitar",
             ground_truth="guitar",
+            subject="Toko Yasuda",
         ),
     ],
     "zsre": [
@@ -129,6 +131,7 @@ EXPECTED = {
             "nq question: john goodman's character in the big lebowski",
             "Walter Sobchak",
             ground_truth="uniform",
+            subject="UniFirst",
         ),
         EditRequest(
             "In which country did Madeleine Biardeau live?",
@@ -137,6 +140,7 @@ EXPECTED = {
             "nq question: who is playing the half time super bowl 2018",
             "Justin Timberlake",
             ground_truth="France",
+            subject="Madeleine Biardeau",
         ),
     ],
     "fever": [
@@ -168,7 +172,7 @@ EXPECTED = {
     ],
 }
 # The paper's zsRE files have no original answers.
-EXPECTED["zsre_paper"] = [dataclasses.replace(request, ground_truth=None) for request in EXPECTED["zsre"]]
+EXPECTED["zsre_paper"] = [dataclasses.replace(request, ground_truth=None, subject=None) for request in EXPECTED["zsre"]]
 RECORDS = {"counterfact": COUNTERFACT, "zsre": ZSRE, "zsre_paper": ZSRE_PAPER, "fever": FEVER, "generic": GENERIC}
 # The keys that hold the target and the rephrases in each format.
 TARGET_KEY = {"counterfact": "target_new", "zsre": "alt", "zsre_paper": "ans", "fever": "alt", "generic": "target"}
@@ -401,6 +405,7 @@ def test_shared_public_data(name, fmt):
             record[keys[3]],
             record[keys[4]],
             ground_truth=record["ground_truth"] if fmt == "counterfact" else record["answers"][0],
+            subject=record["subject"],
         )
 
 
