@@ -1,22 +1,27 @@
 """
 Applied edits as files: the weight shifts (safetensors) and a JSON manifest of the facts, the editor and the base
 model. Loading them onto a fresh copy of the same base model gives bit for bit the weights of the original edit.
+
+The manifest holds the SHA-256 of the shifts file and of its own content: an integrity check against damaged or
+carelessly modified files, not a signature (anyone who changes an artifact can recompute both).
 """
 
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .facts import EditRequest
+from .facts import as_edit_requests
 from .layers import get_edit_module, weight_shape
+from .saving import atomic_directory
 
 if TYPE_CHECKING:
     from .editing import EditHandle
@@ -24,7 +29,13 @@ if TYPE_CHECKING:
 MANIFEST_NAME = "edit_manifest.json"
 SHIFTS_NAME = "edit_shifts.safetensors"
 FORMAT = "malmen-hf-edits"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Every field of a manifest, with its JSON type(s).
+_MANIFEST_FIELDS = {
+    "format": str, "format_version": int, "base_model": (str, type(None)), "editor": (str, type(None)),
+    "aggregation": str, "num_tokens": int, "modules": dict, "shift_norms": dict, "shifts_sha256": str,
+    "facts": list, "manifest_sha256": str,
+}  # fmt: skip
 
 
 def save_edits(handle: "EditHandle", save_directory: str | os.PathLike) -> None:
@@ -33,13 +44,7 @@ def save_edits(handle: "EditHandle", save_directory: str | os.PathLike) -> None:
         raise RuntimeError("These edits were reverted: save them while they are applied (before `revert()`).")
     if handle._shifts is None:
         raise RuntimeError("This handle kept no shifts: apply the edits with `keep_shifts=True` to save them.")
-    folder = Path(save_directory)
-    folder.mkdir(parents=True, exist_ok=True)
     shifts = {name: shift.detach().cpu().contiguous() for name, shift in handle._shifts.items()}
-    # Each file is written beside its final name and renamed into place, the manifest last: a failed save leaves the
-    # previous files as they were, and a manifest never describes a shifts file that is not there.
-    temporary = folder / f".{SHIFTS_NAME}.tmp"
-    save_file(shifts, temporary, metadata={"format": FORMAT})
     modules = {
         name: {
             "shape": list(original.shape),
@@ -48,30 +53,41 @@ def save_edits(handle: "EditHandle", save_directory: str | os.PathLike) -> None:
         }
         for name, original in handle._original_weights.items()
     }
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "base_model": handle.base_model_name_or_path,
-        "editor": handle.editor_name_or_path,
-        "aggregation": handle.aggregation,
-        "num_tokens": handle.num_tokens,
-        "modules": modules,
-        "shifts_sha256": file_sha256(temporary),
-        "facts": [dataclasses.asdict(fact) for fact in handle.facts],
-    }
-    os.replace(temporary, folder / SHIFTS_NAME)
-    temporary = folder / f".{MANIFEST_NAME}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=1))
-    os.replace(temporary, folder / MANIFEST_NAME)
+    # The folder is written aside and put in place in one step: a failed or killed save leaves the previous one.
+    with atomic_directory(save_directory) as folder:
+        save_file(shifts, folder / SHIFTS_NAME, metadata={"format": FORMAT})
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "base_model": handle.base_model_name_or_path,
+            "editor": handle.editor_name_or_path,
+            "aggregation": handle.aggregation,
+            "num_tokens": handle.num_tokens,
+            "modules": modules,
+            "shift_norms": {name: float(shift.norm()) for name, shift in shifts.items()},
+            "shifts_sha256": file_sha256(folder / SHIFTS_NAME),
+            "facts": [dataclasses.asdict(fact) for fact in handle.facts],
+        }
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, allow_nan=False), encoding="utf-8")
 
 
-def load_edits(model: nn.Module, directory: str | os.PathLike) -> "EditHandle":
+def load_edits(model: nn.Module, directory: str | os.PathLike, *, editor: nn.Module | None = None) -> "EditHandle":
     """
     Applies edits saved with [`EditHandle.save`] to `model`, a fresh copy of the base model they were made on.
 
-    Everything is checked before any weight changes: the manifest's format, that the shifts file is the one the
-    manifest describes (not modified or truncated), and that each edited module exists with the recorded shape and
-    the very weights the edit was made on (so edits made on another base model are refused).
+    Everything is checked before any weight changes: the manifest (its format, its fields, its facts, and that its
+    content matches its own SHA-256), that the shifts file is the one the manifest describes (not modified or
+    truncated), that every shift is finite and has its layer's shape, that each edited module is an editable layer
+    of the model with the recorded shape and the very weights the edit was made on (so edits made on another base
+    model are refused), and that the editor edits each of them. The SHA-256s guard against damaged and carelessly
+    modified files; they are not a signature: only load artifacts from sources you trust.
+
+    Args:
+        model (`nn.Module`): A fresh copy of the base model the edits were made on.
+        directory (`str` or `os.PathLike`): The folder `handle.save` wrote.
+        editor ([`MalmenEditorModel`], *optional*): When given (by default, the editor attached to `model`), every
+            shifted module must be one its config edits.
 
     Returns:
         [`EditHandle`]: as `apply_edits` returns it; `revert()` restores the weights bit for bit.
@@ -80,69 +96,75 @@ def load_edits(model: nn.Module, directory: str | os.PathLike) -> "EditHandle":
         `FileNotFoundError`: If the folder lacks the manifest or the shifts file.
         `ValueError`: If anything does not match; the model is then unchanged.
     """
-    from .editing import _EDIT_STACK, EditHandle, _apply_shifts
+    from .editing import EditHandle, _apply_shifts, _check_materialized, _push_handle
 
     folder = Path(directory)
     manifest = _read_manifest(folder)
+    try:
+        facts = as_edit_requests(manifest["facts"])
+    except ValueError as error:
+        raise ValueError(f"{folder / MANIFEST_NAME}: {error}; nothing was changed") from None
     shifts = _read_shifts(folder, manifest)
-    modules = {}
-    for name, record in manifest["modules"].items():
-        module = get_edit_module(model, name)
-        original = module.weight
-        if list(original.shape) != record["shape"] or str(original.dtype).removeprefix("torch.") != record["dtype"]:
-            raise ValueError(
-                f"{folder}: module {name!r} is {tuple(original.shape)} {original.dtype} here but the edits were made "
-                f"on {tuple(record['shape'])} {record['dtype']} weights of {manifest['base_model']!r}; nothing was "
-                "changed"
-            )
-        if tensor_sha256(original) != record["original_sha256"]:
-            raise ValueError(
-                f"{folder}: the weights of {name!r} are not the ones these edits were made on (a different base "
-                f"model than {manifest['base_model']!r}, or weights already edited); load them onto a fresh copy of "
-                "that model. Nothing was changed."
-            )
-        if tuple(shifts[name].shape) != weight_shape(module):
-            raise ValueError(
-                f"{folder}: the shift of {name!r} has shape {tuple(shifts[name].shape)}, not (d_in, d_out)"
-            )
-        modules[name] = module
+    _check_materialized(model)
+    modules = {name: _checked_module(model, folder, manifest, name, shifts[name]) for name in manifest["modules"]}
+    _check_editor_modules(folder, modules, editor if editor is not None else getattr(model, "malmen_editor", None))
+    originals = _apply_shifts(modules, shifts)  # all or nothing: the last step that can fail
     handle = EditHandle(
         modules=list(modules),
-        shift_norms={name: float(shift.norm()) for name, shift in shifts.items()},
-        num_facts=len(manifest["facts"]),
+        shift_norms=manifest["shift_norms"],
+        num_facts=len(facts),
         num_tokens=manifest["num_tokens"],
         aggregation=manifest["aggregation"],
         timings={},
         _model=model,
-        _original_weights=_apply_shifts(modules, shifts),
-        facts=[EditRequest(**{**fact, "rephrases": tuple(fact["rephrases"])}) for fact in manifest["facts"]],
+        _original_weights=originals,
+        facts=facts,
         editor_name_or_path=manifest["editor"],
         base_model_name_or_path=manifest["base_model"],
         _shifts=shifts,
     )
-    model.__dict__.setdefault(_EDIT_STACK, []).append(handle)
+    _push_handle(model, handle)
     return handle
 
 
-def _read_manifest(folder: Path) -> dict:
+def _read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder} holds no saved edits ({MANIFEST_NAME} is missing)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); nothing was changed") from None
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not valid UTF-8 JSON ({error}); nothing was changed") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a malmen-hf edit manifest (its 'format' is not {FORMAT!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has format version {manifest.get('format_version')!r}; this malmen-hf reads version "
-            f"{FORMAT_VERSION}: upgrade malmen-hf"
+            f"{FORMAT_VERSION} only (version 1 manifests carry no digest of their own content): save the edits "
+            "again with this version, or use the malmen-hf version that wrote them"
+        )
+    for name, kind in _MANIFEST_FIELDS.items():
+        if not isinstance(manifest.get(name), kind) or isinstance(manifest.get(name), bool):
+            raise ValueError(
+                f"{path} has no valid {name!r} (got {manifest.get(name)!r}): it was modified or not written by "
+                "malmen-hf; nothing was changed"
+            )
+    if _manifest_digest(manifest) != manifest["manifest_sha256"]:
+        raise ValueError(
+            f"{path} was modified after it was saved (its content does not match its 'manifest_sha256'); nothing "
+            "was changed"
         )
     return manifest
 
 
-def _read_shifts(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """The SHA-256 of the manifest's content (all but this digest), in a canonical JSON form."""
+    content = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _read_shifts(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
     path = folder / SHIFTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: {SHIFTS_NAME} is missing")
@@ -155,9 +177,53 @@ def _read_shifts(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
         shifts = load_file(path)
     except SafetensorError as error:
         raise ValueError(f"{path} cannot be read ({error}); nothing was changed") from None
-    if set(shifts) != set(manifest["modules"]):
+    if set(shifts) != set(manifest["modules"]) or set(shifts) != set(manifest["shift_norms"]):
         raise ValueError(f"{path} holds shifts for {sorted(shifts)}, its manifest for {sorted(manifest['modules'])}")
+    for name, shift in shifts.items():
+        if not shift.is_floating_point() or shift.dim() != 2 or not torch.isfinite(shift).all():
+            raise ValueError(f"{path}: the shift of {name!r} is not a finite 2-d float tensor; nothing was changed")
+        if not math.isclose(float(shift.norm()), manifest["shift_norms"][name], rel_tol=1e-5):
+            raise ValueError(
+                f"{path}: the shift of {name!r} has norm {float(shift.norm()):.6g}, its manifest says "
+                f"{manifest['shift_norms'][name]!r}; nothing was changed"
+            )
     return shifts
+
+
+def _checked_module(model: nn.Module, folder: Path, manifest: dict, name: str, shift: torch.Tensor) -> nn.Module:
+    """The module `name` of `model`, after checking that the edit was made on its very weights."""
+    record = manifest["modules"][name]
+    module = get_edit_module(model, name)
+    original = module.weight
+    dtype = str(original.dtype).removeprefix("torch.")
+    if not isinstance(record, dict) or list(original.shape) != record.get("shape") or dtype != record.get("dtype"):
+        raise ValueError(
+            f"{folder}: module {name!r} is {tuple(original.shape)} {original.dtype} here but the edits were made on "
+            f"{record!r} weights of {manifest['base_model']!r}; nothing was changed"
+        )
+    if tensor_sha256(original) != record.get("original_sha256"):
+        raise ValueError(
+            f"{folder}: the weights of {name!r} are not the ones these edits were made on (a different base "
+            f"model than {manifest['base_model']!r}, or weights already edited); load them onto a fresh copy of "
+            "that model. Nothing was changed."
+        )
+    if tuple(shift.shape) != weight_shape(module):
+        raise ValueError(
+            f"{folder}: the shift of {name!r} has shape {tuple(shift.shape)}, not (d_in, d_out) = "
+            f"{weight_shape(module)}; nothing was changed"
+        )
+    return module
+
+
+def _check_editor_modules(folder: Path, modules: dict[str, nn.Module], editor: nn.Module | None) -> None:
+    if editor is None:
+        return
+    foreign = sorted(set(modules) - set(editor.config.edit_modules))
+    if foreign:
+        raise ValueError(
+            f"{folder} shifts {foreign}, which the editor does not edit (its config edits "
+            f"{editor.config.edit_modules}); nothing was changed"
+        )
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:

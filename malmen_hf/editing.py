@@ -106,6 +106,11 @@ def revert_edits(model: nn.Module) -> int:
     return count
 
 
+def _push_handle(model: nn.Module, handle: EditHandle) -> None:
+    """Records `handle` on `model` (a plain attribute: it must stay out of the state dict)."""
+    model.__dict__.setdefault(_EDIT_STACK, []).append(handle)
+
+
 def apply_edits(
     editor: nn.Module,
     model: "PreTrainedModel",
@@ -118,7 +123,7 @@ def apply_edits(
     keep_shifts: bool = True,
 ) -> EditHandle:
     """Functional form of [`MalmenEditorModel.apply_edits`]."""
-    requests = as_edit_requests(facts)
+    requests = _without_duplicates(as_edit_requests(facts))
     if not isinstance(editor_batch_size, int) or editor_batch_size < 1:
         raise ValueError(f"editor_batch_size must be a positive integer, got {editor_batch_size!r}")
     modules = _checked_modules(editor, model)
@@ -160,9 +165,7 @@ def apply_edits(
         base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
         _shifts=shifts if keep_shifts else None,
     )
-    if not hasattr(model, _EDIT_STACK):
-        model.__dict__[_EDIT_STACK] = []
-    getattr(model, _EDIT_STACK).append(handle)
+    _push_handle(model, handle)
     timings["solve_and_apply"] = time.perf_counter() - start
     return handle
 
@@ -208,6 +211,7 @@ def _check_subjects(examples: list[TokenizedExample], kind: str) -> None:
 
 def _checked_modules(editor: nn.Module, model: nn.Module) -> dict[str, nn.Module]:
     """The model's edited modules, after checking they exist, are linear, and have the shapes the editor expects."""
+    _check_materialized(model)
     modules = {}
     for name, expected in zip(editor.config.edit_modules, editor.config.edit_module_shapes, strict=True):
         module = get_edit_module(model, name)
@@ -222,6 +226,42 @@ def _checked_modules(editor: nn.Module, model: nn.Module) -> dict[str, nn.Module
         raise ValueError("This editor edits no modules: its config has an empty `edit_modules`.")
     _warn_if_other_base_model(editor, model)
     return modules
+
+
+def _check_materialized(model: nn.Module) -> None:
+    """A model loaded without its weights (on the meta device) can be neither run nor shifted."""
+    if any(param.is_meta for param in model.parameters()):
+        raise ValueError(
+            "The model has weights on the meta device (created without loading them, e.g. under "
+            "`init_empty_weights()` or with `device_map` offloading): load it with its weights on a real device "
+            "(`from_pretrained(..., device_map=None)`) before editing it. Nothing was changed."
+        )
+
+
+def _without_duplicates(requests: list[EditRequest]) -> list[EditRequest]:
+    """
+    `requests` with each repeated fact kept once (with a warning); two targets for the same prompt are refused, since
+    one least-squares shift cannot make a prompt continue with both.
+    """
+    first_of: dict[str, int] = {}
+    unique, repeated = [], 0
+    for index, request in enumerate(requests):
+        key = " ".join(request.prompt.split())
+        if key not in first_of:
+            first_of[key] = index
+            unique.append(request)
+        elif requests[first_of[key]].target.strip() != request.target.strip():
+            raise ValueError(
+                f"facts {first_of[key]} and {index} give the prompt {request.prompt!r} two targets "
+                f"({requests[first_of[key]].target!r} and {request.target!r}): keep one of them. Nothing was changed."
+            )
+        elif requests[first_of[key]] == request:
+            repeated += 1
+        else:
+            unique.append(request)  # the same edit, with other rephrasings or locality prompts to score
+    if repeated:
+        warnings.warn(f"{repeated} fact(s) were given more than once; each is edited once.", stacklevel=3)
+    return unique
 
 
 def _warn_if_other_base_model(editor: nn.Module, model: nn.Module) -> None:
@@ -318,20 +358,34 @@ class _NormalEquationSums:
 
 
 def _apply_shifts(modules: dict[str, nn.Module], shifts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Adds each shift to its module's weight; returns copies of the original weights. All or nothing."""
+    """
+    Adds each shift to its module's weight; returns copies of the original weights. All or nothing. Warns once,
+    naming them, about the layers whose weights did not change.
+    """
     originals: dict[str, torch.Tensor] = {}
+    unchanged = []
     try:
         with torch.no_grad():
             for name, shift in shifts.items():
                 weight = modules[name].weight
                 new_weight = shifted_weight(modules[name], shift)
                 originals[name] = weight.detach().clone()
+                if torch.equal(new_weight, originals[name]):
+                    unchanged.append(name)
                 weight.copy_(new_weight)
     except BaseException:
         with torch.no_grad():
             for name, original in originals.items():
                 modules[name].weight.copy_(original)
         raise
+    if unchanged:
+        dtype = next(iter(modules.values())).weight.dtype
+        warnings.warn(
+            f"The edit left the weights of {unchanged} unchanged: their shifts are zero (e.g. an infinite lambda) "
+            f"or too small to change a {dtype} weight. Raise the editor's lr or lower its lambda, or edit a model "
+            "in float32.",
+            stacklevel=3,
+        )
     return originals
 
 
@@ -351,8 +405,28 @@ class MalmenEditableMixin:
         del self.__dict__["malmen_editor"], self.__dict__["malmen_tokenizer"]
         self.__class__ = self.__class__.__bases__[1]
 
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # The class made by `attach` is not importable by its name: pickle (and `copy`) rebuild it from the model's
+        # own class instead. The state (weights, editor, tokenizer, applied edits) is the model's `__dict__`.
+        return _new_editable, (type(self).__bases__[1],), self.__getstate__()
+
 
 _EDITABLE_CLASSES: dict[type, type] = {}
+
+
+def _editable_class(base_class: type) -> type:
+    """`base_class` with [`MalmenEditableMixin`], one per base class."""
+    if base_class not in _EDITABLE_CLASSES:
+        # Keep the class name: `save_pretrained` writes it to config.json as the architecture to load.
+        _EDITABLE_CLASSES[base_class] = type(
+            base_class.__name__, (MalmenEditableMixin, base_class), {"__module__": base_class.__module__}
+        )
+    return _EDITABLE_CLASSES[base_class]
+
+
+def _new_editable(base_class: type) -> nn.Module:
+    """An empty attached model of `base_class`, whose state pickle then sets (see `__reduce_ex__`)."""
+    return object.__new__(_editable_class(base_class))
 
 
 def attach_editor(
@@ -364,13 +438,8 @@ def attach_editor(
     base_class = type(model)
     if isinstance(model, MalmenEditableMixin):
         base_class = base_class.__bases__[1]
-    elif base_class not in _EDITABLE_CLASSES:
-        # Keep the class name: `save_pretrained` writes it to config.json as the architecture to load.
-        _EDITABLE_CLASSES[base_class] = type(
-            base_class.__name__, (MalmenEditableMixin, base_class), {"__module__": base_class.__module__}
-        )
     # Plain attributes, not submodules: the editor must stay out of the model's state dict.
     model.__dict__["malmen_editor"] = editor
     model.__dict__["malmen_tokenizer"] = tokenizer
-    model.__class__ = _EDITABLE_CLASSES[base_class]
+    model.__class__ = _editable_class(base_class)
     return model

@@ -71,6 +71,8 @@ def as_edit_requests(facts: Iterable[FactLike]) -> list[EditRequest]:
     is_single_pair = isinstance(facts, tuple) and len(facts) == 2 and all(isinstance(text, str) for text in facts)
     if is_single_pair or isinstance(facts, (str, Mapping, EditRequest)):
         raise ValueError("`facts` must be a list of facts; wrap a single fact in a list: `[fact]`")
+    if not isinstance(facts, Iterable):
+        raise ValueError(f"`facts` must be a list of facts, got {type(facts).__name__}")
     requests = [_as_edit_request(index, fact) for index, fact in enumerate(facts)]
     if not requests:
         raise ValueError("`facts` is empty: give at least one fact to edit")

@@ -3,6 +3,7 @@
 import importlib
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from .editing import EditHandle, apply_edits, attach_editor
 from .facts import FactLike
 from .functional import value_differences
 from .layers import default_edit_modules, get_edit_module, weight_shape
+from .saving import atomic_directory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -185,17 +187,47 @@ class MalmenEditorModel(MalmenPreTrainedModel):
         config = MalmenConfig(edit_modules=names, edit_module_shapes=shapes, **config_kwargs)
         return cls(config)
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
+    ) -> "MalmenEditorModel":
+        """
+        [`~PreTrainedModel.from_pretrained`], refusing a folder that does not hold a whole editor: one without a
+        config that names the edited modules, or whose weights lack, add or reshape any tensor (which would otherwise
+        be initialized afresh with only a log line).
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        editor, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        if not editor.config.edit_modules:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds no MALMEN editor: its config edits no modules (is its "
+                "config.json missing?). Save an editor there with `save_pretrained`."
+            )
+        problems = {kind: sorted(map(str, keys)) for kind in _LOAD_PROBLEMS if (keys := info.get(kind))}
+        if problems:
+            raise ValueError(
+                f"The weights in {pretrained_model_name_or_path} do not match the editor its config describes "
+                f"({problems}): the folder is damaged or mixes two editors. Save the editor again."
+            )
+        return (editor, info) if output_loading_info else editor
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """
         [`~PreTrainedModel.save_pretrained`], plus a model card (`README.md`, see `malmen_hf.cards`) when the folder
-        has none yet and malmen-hf is installed (an existing card, e.g. one with results, is kept).
+        has none yet and malmen-hf is installed (an existing card, e.g. one with results, is kept). The folder is
+        written aside and put in place in one step: a failed or killed save leaves the previous one as it was.
         """
-        super().save_pretrained(save_directory, *args, **kwargs)
-        card_path = Path(save_directory) / "README.md"
-        if kwargs.get("is_main_process", True) and not card_path.exists():
-            card = _editor_card(self, editor_id=str(save_directory))
-            if card is not None:
-                card.save(card_path)
+        if not kwargs.get("is_main_process", True):
+            super().save_pretrained(save_directory, *args, **kwargs)  # writes nothing on other processes
+            return
+        with atomic_directory(save_directory, stale=_WEIGHT_FILE.fullmatch) as folder:
+            super().save_pretrained(folder, *args, **kwargs)
+            if not (Path(save_directory) / "README.md").exists():
+                card = _editor_card(self, editor_id=str(save_directory))
+                if card is not None:
+                    card.save(folder / "README.md")
 
     def push_to_hub(
         self,
@@ -322,6 +354,10 @@ class MalmenEditorModel(MalmenPreTrainedModel):
 
 
 __all__ = ["MalmenEditorModel", "MalmenPreTrainedModel"]
+
+_LOAD_PROBLEMS = ("missing_keys", "unexpected_keys", "mismatched_keys")
+# Weight files a previous save may have left under other names (shards): a new save replaces them all.
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
 def _editor_card(editor: MalmenEditorModel, editor_id: str) -> Any:

@@ -1,4 +1,5 @@
 import copy
+import pickle
 
 import pytest
 import torch
@@ -210,14 +211,35 @@ def test_attach_gives_the_model_apply_and_revert(gpt2, facts, tmp_path):
     assert not hasattr(model, "apply_edits")
 
 
+@pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda model: pickle.loads(pickle.dumps(model))])
+def test_an_attached_edited_model_can_be_copied_and_pickled(gpt2, facts, duplicate):
+    model, tokenizer = gpt2
+    original = snapshot(model)
+    untrained_editor(model).attach(model, tokenizer)
+    model.apply_edits(facts[:3])
+    edited = snapshot(model)
+
+    twin = duplicate(model)
+    assert type(twin) is type(model) and isinstance(twin, type(model).__bases__[1])
+    assert_bit_identical(twin, edited)
+    twin.apply_edits(facts[3:])  # the copy edits with its own copy of the editor, and reverts its own edits
+    assert twin.revert_edits() == 2
+    assert_bit_identical(twin, original)
+    assert_bit_identical(model, edited)
+    twin.detach_editor()
+    assert type(twin) is type(model).__bases__[1]
+
+
 def test_user_state_is_restored(gpt2, facts):
     model, tokenizer = gpt2
     model.train()
+    model.transformer.h[0].mlp.eval()  # one submodule in eval mode: it stays so
     model.transformer.wte.weight.requires_grad_(False)
     flags = {name: param.requires_grad for name, param in model.named_parameters()}
+    modes = {name: module.training for name, module in model.named_modules()}
     with torch.no_grad():  # apply_edits needs gradients internally, whatever the caller's context
         untrained_editor(model).apply_edits(model, facts, tokenizer=tokenizer)
-    assert model.training
+    assert {name: module.training for name, module in model.named_modules()} == modes
     assert {name: param.requires_grad for name, param in model.named_parameters()} == flags
 
 
@@ -230,9 +252,7 @@ def test_edit_request_forms_are_equivalent(gpt2):
         [EditRequest("The capital of France is", "Berlin", rephrases="France's capital is")],
     ]
     results = [edit_deltas(editor, model, tokenizer, facts) for facts in forms]
-    for result in results[1:]:
-        for name in result:
-            torch.testing.assert_close(result[name], results[0][name])
+    assert_same_edits(editor, results)
 
 
 def test_a_copied_editor_gives_the_same_shift(gpt2, facts):
@@ -240,16 +260,25 @@ def test_a_copied_editor_gives_the_same_shift(gpt2, facts):
     editor = untrained_editor(model)
     first = edit_deltas(editor, model, tokenizer, facts)
     second = edit_deltas(copy.deepcopy(editor), model, tokenizer, facts)
-    assert first.keys() == second.keys()
-    for name in first:
-        torch.testing.assert_close(first[name], second[name])
+    assert_same_edits(editor, [first, second])
+
+
+def assert_same_edits(editor, results):
+    """Every result changed exactly the weights of the editor's modules (an edit that changes nothing fails), alike."""
+    edited = {f"{name}.weight" for name in editor.config.edit_modules}
+    for result in results:
+        assert result.keys() == edited
+        assert all(delta.abs().max() > 0 for delta in result.values())
+        for name in result:
+            torch.testing.assert_close(result[name], results[0][name])
 
 
 def test_half_precision_editor_accumulates_in_float32(gpt2, facts):
     model, tokenizer = gpt2
     editor = untrained_editor(model, n_blocks=0)
-    expected = edit_deltas(editor, model, tokenizer, facts * 20, batch_size=1)
-    actual = edit_deltas(editor.to(torch.bfloat16), model, tokenizer, facts * 20, batch_size=1)
+    many = [(f"{copy} {prompt}", target) for copy in range(20) for prompt, target in facts]  # 140 distinct facts
+    expected = edit_deltas(editor, model, tokenizer, many, batch_size=1)
+    actual = edit_deltas(editor.to(torch.bfloat16), model, tokenizer, many, batch_size=1)
     for name in expected:
         # bf16 keys and value differences are rounded, but 140 batches of running sums are not
         assert_close_at_scale(actual[name], expected[name], tolerance=2e-2)

@@ -1,13 +1,16 @@
 """Applied edits saved as files and loaded onto a fresh copy of the base model."""
 
 import copy
+import hashlib
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from malmen_hf import EditRequest, MalmenEditorModel, load_edits
+from malmen_hf.artifacts import tensor_sha256
 from tests.conftest import assert_bit_identical, snapshot
 
 FACTS = [
@@ -56,7 +59,8 @@ def truncate(path):
         (lambda folder: tamper(folder / "edit_shifts.safetensors"), "modified or truncated"),
         (lambda folder: truncate(folder / "edit_shifts.safetensors"), "modified or truncated"),
         (lambda folder: (folder / "edit_shifts.safetensors").unlink(), "edit_shifts.safetensors is missing"),
-        (lambda folder: (folder / "edit_manifest.json").write_text("{"), "is not valid JSON"),
+        (lambda folder: (folder / "edit_manifest.json").write_text("{"), "is not valid UTF-8 JSON"),
+        (lambda folder: (folder / "edit_manifest.json").write_bytes(b'{"format": "\xff"}'), "is not valid UTF-8"),
         (
             lambda folder: (folder / "edit_manifest.json").write_text('{"format": "x"}'),
             "not a malmen-hf edit manifest",
@@ -69,6 +73,91 @@ def test_a_damaged_artifact_is_refused_and_changes_nothing(edited, damage, messa
     damage(folder)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_edits(fresh, folder)
+    assert_bit_identical(fresh, pristine)
+    assert not getattr(fresh, "_malmen_edit_handles", [])
+
+
+def rewrite(folder, manifest_change=None, shifts_change=None, rehash=True):
+    """Changes a saved artifact as a careless (or naive) hand would, recomputing its hashes when `rehash`."""
+    manifest = json.loads((folder / "edit_manifest.json").read_text())
+    shifts = load_file(folder / "edit_shifts.safetensors")
+    if shifts_change:
+        shifts_change(shifts, manifest)
+        save_file(shifts, folder / "edit_shifts.safetensors")
+    if manifest_change:
+        manifest_change(manifest)
+    if rehash:  # True: every hash, as a determined hand would; "shifts": only that of the shifts file
+        manifest["shifts_sha256"] = hashlib.sha256((folder / "edit_shifts.safetensors").read_bytes()).hexdigest()
+    if rehash is True:
+        manifest["shift_norms"] = {name: float(shift.norm()) for name, shift in shifts.items()}
+        content = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        manifest["manifest_sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
+    (folder / "edit_manifest.json").write_text(json.dumps(manifest))
+
+
+def scale_shifts(factor):
+    def change(shifts, manifest):
+        for name in shifts:
+            shifts[name] = shifts[name] * factor
+
+    return change
+
+
+def transpose_shifts(shifts, manifest):
+    for name in shifts:
+        shifts[name] = shifts[name].T.contiguous()
+
+
+def first_fact(**fields):
+    return lambda manifest: manifest["facts"][0].update(fields)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(manifest_change=first_fact(target="")), "fact 0: 'target' must be a non-empty string"),
+        (dict(manifest_change=first_fact(target_new="Rome")), r"fact 0: unknown keys \['target_new'\]"),
+        (dict(manifest_change=first_fact(target="Paris"), rehash=False), "was modified after it was saved"),
+        (dict(manifest_change=lambda manifest: manifest["facts"].append(manifest["facts"][0]), rehash=False),
+         "was modified after it was saved"),
+        (dict(manifest_change=lambda m: m.pop("shifts_sha256"), rehash=False), "no valid 'shifts_sha256'"),
+        (dict(manifest_change=lambda manifest: manifest.update(num_tokens="7")), "no valid 'num_tokens'"),
+        (dict(shifts_change=scale_shifts(float("nan"))), "is not a finite 2-d float tensor"),
+        (dict(shifts_change=scale_shifts(1e4), rehash="shifts"), "was modified after it was saved"),
+        (dict(shifts_change=scale_shifts(1e4), rehash=False), "modified or truncated"),
+        (dict(shifts_change=transpose_shifts), "has shape"),
+    ],
+)  # fmt: skip
+def test_a_modified_manifest_or_shift_is_refused_and_changes_nothing(edited, change, message):
+    _, fresh, _, folder = edited
+    pristine = snapshot(fresh)
+    rewrite(folder, **change)
+    with pytest.raises(ValueError, match=message):
+        load_edits(fresh, folder)
+    assert_bit_identical(fresh, pristine)
+    assert not getattr(fresh, "_malmen_edit_handles", [])
+
+
+def test_shifts_of_modules_the_editor_does_not_edit_are_refused(gpt2, tmp_path):
+    model, tokenizer = gpt2
+    fresh = copy.deepcopy(model)
+    editor = MalmenEditorModel.for_model(model, rank=4, lr_init=0.5)
+    editor.apply_edits(model, FACTS, tokenizer=tokenizer).save(tmp_path)
+
+    def add_foreign(shifts, manifest):
+        shifts["transformer.h.0.attn.c_proj"] = torch.full((32, 32), 1e-3)
+        original = fresh.get_submodule("transformer.h.0.attn.c_proj").weight
+        record = {"shape": list(original.shape), "dtype": "float32", "original_sha256": tensor_sha256(original)}
+        manifest["modules"]["transformer.h.0.attn.c_proj"] = record
+
+    rewrite(tmp_path, shifts_change=add_foreign)  # a consistent artifact: only the editor can tell
+    pristine = snapshot(fresh)
+    with pytest.raises(ValueError, match=r"shifts \['transformer.h.0.attn.c_proj'\], which the editor does not edit"):
+        load_edits(fresh, tmp_path, editor=editor)
+    editor.attach(fresh, tokenizer)
+    with pytest.raises(ValueError, match="which the editor does not edit"):
+        load_edits(fresh, tmp_path)  # the attached editor
     assert_bit_identical(fresh, pristine)
     assert not getattr(fresh, "_malmen_edit_handles", [])
 

@@ -3,30 +3,49 @@
 import pytest
 import torch
 
-from malmen_hf import MalmenConfig, MalmenEditorModel, editing
+from malmen_hf import EditRequest, MalmenConfig, MalmenEditorModel, editing
 from tests import tiny
 from tests.conftest import assert_bit_identical, snapshot
+
+
+def user_state(model):
+    """Every weight, each module's train/eval mode and each parameter's `requires_grad`."""
+    return (
+        snapshot(model),
+        {name: module.training for name, module in model.named_modules()},
+        [param.requires_grad for param in model.parameters()],
+    )
+
+
+def assert_unchanged(model, state):
+    before, modes, flags = state
+    assert_bit_identical(model, before)
+    assert {name: module.training for name, module in model.named_modules()} == modes
+    assert [param.requires_grad for param in model.parameters()] == flags
+    assert not getattr(model, "_malmen_edit_handles", [])
 
 
 @pytest.fixture
 def setup(gpt2):
     model, tokenizer = gpt2
     model.train()
+    model.transformer.h[1].eval()  # a submodule the user keeps in eval mode
     model.lm_head.weight.requires_grad_(False)  # tied to wte: a user-frozen parameter
     editor = MalmenEditorModel.for_model(model, rank=4, lr_init=1.0)
-    state = (snapshot(model), model.training, [param.requires_grad for param in model.parameters()])
+    state = user_state(model)
     yield model, tokenizer, editor
-    before, training, flags = state
-    assert_bit_identical(model, before)
-    assert model.training == training
-    assert [param.requires_grad for param in model.parameters()] == flags
-    assert not getattr(model, "_malmen_edit_handles", [])
+    assert_unchanged(model, state)
 
 
 @pytest.mark.parametrize(
     ("facts", "message"),
     [
         ([], "`facts` is empty"),
+        (None, "`facts` must be a list of facts, got NoneType"),
+        (
+            [("The capital of France is", "Berlin"), ("The capital of  France is ", "Rome")],
+            "facts 0 and 1 give the prompt 'The capital of  France is ' two targets",
+        ),
         (("The capital of France is", "Berlin"), "wrap a single fact in a list"),
         ({"prompt": "a", "target": "b"}, "wrap a single fact in a list"),
         ([("The capital of France is", "")], "fact 0: 'target' must be a non-empty string"),
@@ -132,6 +151,56 @@ def test_failure_in_the_hyper_network_restores_flags_at_once(setup, facts, monke
         raise RuntimeError("hyper-network failure (simulated)")
 
     monkeypatch.setattr(editor.nets["128x32"], "forward", broken_net)
-    with pytest.raises(RuntimeError, match="simulated"):
+    state = user_state(model)
+    with pytest.raises(RuntimeError, match="simulated") as error:
         editor.apply_edits(model, facts, tokenizer=tokenizer)
-    # checked by the fixture while the traceback (and the caching generator's frame) is still alive
+    # While the traceback (and with it the caching generator's frame) is alive: restored at once, not when collected.
+    assert error.tb is not None
+    assert_unchanged(model, state)
+
+
+def test_repeated_facts_are_edited_once(gpt2, facts):
+    model, tokenizer = gpt2
+    editor = MalmenEditorModel.for_model(model, rank=4, lr_init=1.0)
+    with pytest.warns(UserWarning, match=r"2 fact\(s\) were given more than once; each is edited once"):
+        handle = editor.apply_edits(model, facts + facts[:2], tokenizer=tokenizer)
+    twice = snapshot(model)
+    handle.revert()
+    assert handle.num_facts == len(facts) and handle.facts == [EditRequest(*fact) for fact in facts]
+    editor.apply_edits(model, facts, tokenizer=tokenizer)
+    assert_bit_identical(model, twice)
+
+
+def test_an_infinite_lambda_warns_that_nothing_changed(gpt2, facts):
+    model, tokenizer = gpt2
+    editor = MalmenEditorModel.for_model(model, rank=4, lr_init=1.0)
+    with torch.no_grad():
+        editor.nets["128x32"].lamda[1] = float("inf")
+    with pytest.warns(UserWarning, match=r"left the weights of \['transformer.h.1.mlp.c_proj'\] unchanged") as caught:
+        editor.apply_edits(model, facts, tokenizer=tokenizer)
+    assert len([w for w in caught if "unchanged" in str(w.message)]) == 1
+
+
+def test_a_shift_too_small_for_bf16_weights_warns_naming_the_layers(gpt2, facts, recwarn):
+    model, tokenizer = gpt2
+    model.to(torch.bfloat16)
+    MalmenEditorModel.for_model(model, rank=4, lr_init=1.0).apply_edits(model, facts, tokenizer=tokenizer)
+    assert not [w for w in recwarn if "unchanged" in str(w.message)]  # a shift of ordinary size changes the weights
+    before = snapshot(model)
+    tiny_lr = MalmenEditorModel.for_model(model, rank=4, lr_init=1e-9)
+    with pytest.warns(UserWarning, match=r"\['transformer.h.0.mlp.c_proj', 'transformer.h.1.mlp.c_proj'\].*bfloat16"):
+        handle = tiny_lr.apply_edits(model, facts, tokenizer=tokenizer)
+    assert_bit_identical(model, before)
+    assert all(norm > 0 for norm in handle.shift_norms.values())
+
+
+def test_a_model_on_the_meta_device_is_refused(gpt2, facts):
+    model, tokenizer = gpt2
+    editor = MalmenEditorModel.for_model(model, rank=4, lr_init=1.0)
+    with torch.device("meta"):
+        empty = tiny.gpt2_model(len(tokenizer))
+    with pytest.raises(ValueError, match="weights on the meta device"):
+        editor.apply_edits(empty, facts, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="weights on the meta device"):
+        editor.attach(empty, tokenizer)
+    assert not getattr(empty, "_malmen_edit_handles", [])
