@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel
 
 from malmen_hf import MalmenConfig, MalmenEditorModel, default_edit_modules
@@ -65,6 +65,44 @@ def test_save_and_load_round_trip_bit_exact(tmp_path):
     for name, tensor in reloaded.state_dict().items():
         assert tensor.dtype == saved[name].dtype and torch.equal(tensor, saved[name]), name
     assert set(load_file(tmp_path / "model.safetensors")) == set(saved)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda folder: (folder / "config.json").unlink(), "holds no MALMEN editor: its config edits no modules"),
+        (lambda folder: save_file({k: v for k, v in load_file(folder / "model.safetensors").items()
+                                   if k != "nets.128x32.lr"}, folder / "model.safetensors", {"format": "pt"}),
+         r"do not match the editor its config describes \({'missing_keys': \['nets.128x32.lr'\]}\)"),
+        (lambda folder: save_file({**load_file(folder / "model.safetensors"), "extra": torch.zeros(1)},
+                                  folder / "model.safetensors", {"format": "pt"}), "'unexpected_keys': \\['extra'\\]"),
+    ],
+)  # fmt: skip
+def test_an_incomplete_editor_folder_fails_at_load_time(tmp_path, damage, message):
+    trained_looking_editor().save_pretrained(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        MalmenEditorModel.from_pretrained(tmp_path)
+
+
+def test_saving_over_an_editor_replaces_it_whole_and_keeps_other_files(tmp_path):
+    trained_looking_editor().save_pretrained(tmp_path)
+    (tmp_path / "notes.txt").write_text("kept")
+    (tmp_path / "model-00001-of-00002.safetensors").write_text("a stale shard of an older save")
+    trained_looking_editor(aggregation="sum").save_pretrained(tmp_path)
+    reloaded = MalmenEditorModel.from_pretrained(tmp_path)
+    assert reloaded.config.aggregation == "sum" and (tmp_path / "notes.txt").read_text() == "kept"
+    assert not (tmp_path / "model-00001-of-00002.safetensors").exists()
+    assert [path.name for path in tmp_path.parent.iterdir() if path.name.startswith(f".{tmp_path.name}")] == []
+
+
+def test_a_failed_save_leaves_the_previous_editor(tmp_path, monkeypatch):
+    trained_looking_editor().save_pretrained(tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", lambda *args, **kwargs: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        trained_looking_editor(aggregation="sum").save_pretrained(tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
 def test_auto_classes_know_malmen(tmp_path):
