@@ -15,6 +15,7 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_se
 from tqdm.auto import tqdm
 
 from .cards import editor_card
+from .checkpoints import checkpoint_folder, complete_checkpoints, load_checkpoint, save_checkpoint
 from .facts import EditRequest
 from .metrics import edit_scores
 from .training import meta_gradient
@@ -123,7 +124,7 @@ def train_editor(
     process caches its share of them and the sums of the normal equation and of the gradients are all-reduced, so N
     processes train the same editor as one process on the same data. Every `eval_every` steps the editor edits
     `eval_facts` held-out facts at once and ES/GS/LS are logged; the editor with the best mean of the three is kept.
-    Checkpoints (`accelerator.save_state`) allow an exact resume.
+    Checkpoints (safetensors and JSON, see `malmen_hf.checkpoints`) allow an exact resume.
 
     Returns:
         The trained editor (the best one by validation when `eval_requests` is given), also saved to
@@ -156,9 +157,9 @@ def train_editor(
     editor.to(accelerator.device).train()
     optimizer = torch.optim.Adam(editor.parameters(), lr=args.meta_lr)
     progress = _Progress()
-    accelerator.register_for_checkpointing(editor, optimizer, progress)
     if args.resume_from_checkpoint:
-        accelerator.load_state(str(_checkpoint_to_resume(output_dir, args.resume_from_checkpoint)))
+        folder = _checkpoint_to_resume(output_dir, args.resume_from_checkpoint)
+        progress.load_state_dict(load_checkpoint(folder, editor, optimizer))
     settings = {
         **dataclasses.asdict(args),
         "num_train_facts": len(train_requests),
@@ -194,7 +195,7 @@ def train_editor(
             loss=f"{losses.total:.3f}", **{k: f"{record[k]:.2f}" for k in ("ES", "GS", "LS") if k in record}
         )
         if progress.step % args.checkpoint_every == 0 or progress.step == max_steps:
-            _save_checkpoint(accelerator, output_dir, progress.step, args.checkpoints_to_keep)
+            _save_checkpoint(accelerator, editor, optimizer, progress, output_dir, args.checkpoints_to_keep)
     bar.close()
     editor = _finish(accelerator, editor, output_dir, settings, progress, eval_requests is not None)
     accelerator.print(
@@ -231,10 +232,11 @@ def _validate(accelerator, editor, model, tokenizer, eval_requests, args, progre
 
 
 def _checkpoint_to_resume(output_dir: Path, resume: str | bool) -> Path:
+    """The folder to resume from: the newest complete checkpoint for `True` / `"latest"`, else the one named."""
     if resume is True or resume == "latest":
-        checkpoints = sorted((output_dir / "checkpoints").glob("step_*"))
+        checkpoints = complete_checkpoints(output_dir / "checkpoints")
         if not checkpoints:
-            raise FileNotFoundError(f"No checkpoint to resume from in {output_dir / 'checkpoints'}")
+            raise FileNotFoundError(f"No checkpoint to resume from in {output_dir / 'checkpoints'} (none is complete)")
         return checkpoints[-1]
     path = Path(resume)
     if not path.is_dir():
@@ -242,11 +244,12 @@ def _checkpoint_to_resume(output_dir: Path, resume: str | bool) -> Path:
     return path
 
 
-def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> None:
-    folder = output_dir / "checkpoints" / f"step_{step:08d}"
-    accelerator.save_state(str(folder))
+def _save_checkpoint(accelerator, editor, optimizer, progress, output_dir: Path, keep: int) -> None:
+    """The main process writes the checkpoint (every process holds the same state) and drops the older ones."""
     if accelerator.is_main_process:
-        for old in sorted((output_dir / "checkpoints").glob("step_*"))[:-keep]:
+        checkpoints_dir = output_dir / "checkpoints"
+        save_checkpoint(checkpoint_folder(checkpoints_dir, progress.step), editor, optimizer, progress.state_dict())
+        for old in complete_checkpoints(checkpoints_dir)[:-keep]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
 

@@ -1,5 +1,7 @@
 import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +106,65 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monke
         assert torch.equal(resumed[name], uninterrupted[name]), name
 
 
+class PlantedCode:
+    """Unpickling this runs code: it creates the file `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_checkpoints_hold_no_pickles_and_resume_runs_no_code(tmp_path):
+    run(tmp_path / "run", max_steps=2, log_with=None)
+    for checkpoint in (tmp_path / "run" / "checkpoints").iterdir():
+        names = sorted(path.name for path in checkpoint.iterdir())
+        assert names == ["editor.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json"]
+    # A crafted folder in accelerate's custom-state format: loading it with pickle would run the planted code.
+    crafted = tmp_path / "crafted" / "checkpoints" / "step_00000009"
+    crafted.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    for index in range(3):
+        torch.save(PlantedCode(marker), crafted / f"custom_checkpoint_{index}.pkl")
+    with pytest.raises(ValueError, match=r"holds pickles \(custom_checkpoint_0.pkl.*which can run code"):
+        run(tmp_path / "crafted", resume_from_checkpoint=str(crafted))
+    with pytest.raises(FileNotFoundError, match="none is complete"):
+        run(tmp_path / "crafted", resume_from_checkpoint=True)
+    assert not marker.exists()
+
+
+def partial_checkpoint(output_dir, step):
+    """What a save killed half-way left with accelerate's save_state: a later step folder with some of its files."""
+    complete = sorted((output_dir / "checkpoints").iterdir())[-1]
+    partial = output_dir / "checkpoints" / f"step_{step:08d}"
+    partial.mkdir()
+    for name in sorted(path.name for path in complete.iterdir())[:2]:
+        shutil.copy(complete / name, partial / name)
+    return partial
+
+
+def test_resume_skips_a_partial_checkpoint_and_refuses_one_named(tmp_path):
+    uninterrupted = run(tmp_path / "whole").state_dict()
+    run(tmp_path / "resumed", max_steps=2)
+    partial = partial_checkpoint(tmp_path / "resumed", 3)
+    with pytest.raises(ValueError, match="is not a complete malmen-hf checkpoint.*interrupted while saving"):
+        run(tmp_path / "resumed", resume_from_checkpoint=str(partial))
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step_00000002")  # the newest complete one is step 1 now
+    resumed = run(tmp_path / "resumed", resume_from_checkpoint=True).state_dict()
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+def test_a_damaged_checkpoint_is_refused(tmp_path):
+    run(tmp_path, max_steps=1, log_with=None)
+    checkpoint = tmp_path / "checkpoints" / "step_00000001"
+    data = (checkpoint / "optimizer.safetensors").read_bytes()
+    (checkpoint / "optimizer.safetensors").write_bytes(data[:-8])
+    with pytest.raises(ValueError, match="optimizer.safetensors is missing, truncated or modified"):
+        run(tmp_path, resume_from_checkpoint=True)
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
@@ -125,6 +186,29 @@ def test_resume_without_checkpoint(tmp_path):
 def test_command_line_training(tmp_path, capsys):
     from malmen_hf.cli import main
 
+    train_from_command_line(tmp_path, main, "--max-steps", "2")
+    assert "Saved the editor" in capsys.readouterr().out
+    editor = MalmenEditorModel.from_pretrained(tmp_path / "editor")
+    assert editor.config.training["num_train_facts"] == 15
+    assert editor.config.base_model_name_or_path == str(tmp_path / "model")
+
+
+def test_command_line_resume_from_a_partial_checkpoint_is_a_one_line_error(tmp_path, capsys):
+    from malmen_hf.cli import main
+
+    train_from_command_line(tmp_path, main, "--max-steps", "1", "--checkpoint-every", "1")
+    partial = partial_checkpoint(tmp_path / "editor", 2)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        train_from_command_line(tmp_path, main, "--max-steps", "3", "--resume-from-checkpoint", str(partial))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert error.endswith("\n") and error.splitlines()[-1].startswith("malmen-hf train: error: ")
+    assert "not a complete malmen-hf checkpoint" in error.splitlines()[-1]
+
+
+def train_from_command_line(tmp_path, main, *options):
     tokenizer = tiny.gpt2_tokenizer()
     tiny.gpt2_model(len(tokenizer)).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
@@ -132,10 +216,6 @@ def test_command_line_training(tmp_path, capsys):
     (tmp_path / "facts.jsonl").write_text("\n".join(lines))
     main([
         "train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "facts.jsonl"), "--rank", "4",
-        "--output-dir", str(tmp_path / "editor"), "--facts-per-step", "4", "--max-steps", "2", "--eval-fraction",
-        "0.25", "--eval-facts", "5", "--lr-init", "0.1", "--no-progress",
+        "--output-dir", str(tmp_path / "editor"), "--facts-per-step", "4", "--eval-fraction", "0.25",
+        "--eval-facts", "5", "--lr-init", "0.1", "--no-progress", *options,
     ])  # fmt: skip
-    assert "Saved the editor" in capsys.readouterr().out
-    editor = MalmenEditorModel.from_pretrained(tmp_path / "editor")
-    assert editor.config.training["num_train_facts"] == 15
-    assert editor.config.base_model_name_or_path == str(tmp_path / "model")
