@@ -21,6 +21,7 @@ from .facts import FactLike
 from .functional import value_differences
 from .layers import default_edit_modules, get_edit_module, weight_shape
 from .saving import atomic_directory
+from .shipped import resolve_editor
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -112,6 +113,22 @@ class MalmenPreTrainedModel(PreTrainedModel):
     base_model_prefix = "malmen"
     main_input_name = "keys"
     _no_split_modules = ["MalmenNet"]
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any
+    ) -> "MalmenPreTrainedModel":
+        """
+        [`~PreTrainedModel.from_pretrained`], also by the short name of an editor released with malmen-hf (e.g.
+        `"malmen-smollm2-135m-counterfact"`, see `malmen_hf.shipped`). The editor then keeps that name as its
+        `name_or_path`, so that what records it (edit manifests) names it rather than a folder of this machine.
+        """
+        folder = resolve_editor(pretrained_model_name_or_path)
+        loaded = super().from_pretrained(folder, *args, **kwargs)
+        if folder != pretrained_model_name_or_path:
+            editor = loaded[0] if isinstance(loaded, tuple) else loaded  # (editor, info) with output_loading_info
+            editor.name_or_path = editor.config.name_or_path = pretrained_model_name_or_path
+        return loaded
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

@@ -43,13 +43,13 @@ def test_edit_and_revert_smollm2(smollm2, counterfact_facts, dtype):
 
 
 def test_the_shipped_editor_edits_and_reverts_smollm2(smollm2):
-    from malmen_hf.cli import HAND_WRITTEN_FACTS, SHIPPED_EDITOR
+    from malmen_hf.cli import HAND_WRITTEN_FACTS
     from malmen_hf.metrics import edit_scores
 
     model, tokenizer = smollm2
     model.to(torch.float32)
     before = snapshot(model)
-    editor = MalmenEditorModel.from_pretrained(SHIPPED_EDITOR)
+    editor = MalmenEditorModel.from_pretrained("malmen-smollm2-135m-counterfact")
     assert editor.config.base_model_name_or_path == "smollm2-135m"
     scores = edit_scores(editor, model, tokenizer, HAND_WRITTEN_FACTS, scores=["ES", "ES_greedy"])
     # Facts the editor never saw, edited at once. Measured: ES 0.92 (11 of 12 target tokens), and the greedy answer is
