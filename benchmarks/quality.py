@@ -36,11 +36,12 @@ from pathlib import Path
 
 import torch
 
-from malmen_hf import MalmenEditorModel, default_edit_modules, fit_normalizer, load_edit_requests
+from malmen_hf import MalmenEditorModel, default_edit_modules, load_edit_requests, training_free_editor
 from malmen_hf.caching import frozen, per_fact_loss, rows_of_scored_tokens, scored_logits
 from malmen_hf.facts import IGNORE_INDEX, batches_by_length, collate, pad_id_of, tokenize_edit_prompts
 from malmen_hf.metrics import SCORES, locality_predictions, scores_of_model
 from malmen_hf.models import load_model_and_tokenizer
+from malmen_hf.training import TRAINING_FREE_LOG_LAMBDA, TRAINING_FREE_LR
 
 from common import command_line, machine_info, markdown_table
 
@@ -65,8 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--malmen-editor", help="folder or Hub id of the trained MALMEN editor")
     parser.add_argument("--mend-editor", help="folder or Hub id of the editor trained with aggregation='sum'")
     parser.add_argument("--tune", action="store_true", help="grid-search the training-free lr and lambda")
-    parser.add_argument("--training-free-lr", type=float, default=1e-4)
-    parser.add_argument("--training-free-lambda", type=float, default=0.0, help="log of the ridge coefficient")
+    parser.add_argument("--training-free-lr", type=float, default=TRAINING_FREE_LR, help="without --tune")
+    parser.add_argument(
+        "--training-free-lambda", type=float, default=TRAINING_FREE_LOG_LAMBDA, help="log ridge, without --tune"
+    )
     parser.add_argument("--fit-facts", type=int, default=512, help="train facts the training-free normalizer sees")
     parser.add_argument("--tune-facts", type=int, default=128, help="held-out train facts edited at once to tune")
     parser.add_argument("--ft-steps", type=int, default=10, help="Adam steps of constrained fine-tuning")
@@ -134,7 +137,7 @@ def load_editors(args, model, tokenizer) -> tuple[dict[str, MalmenEditorModel], 
             editors[method] = MalmenEditorModel.from_pretrained(source)
             settings[f"{method}_training"] = editors[method].config.training
     if "training_free" in args.methods:
-        editor, settings["training_free"] = training_free_editor(args, model, tokenizer, editors)
+        editor, settings["training_free"] = tuned_training_free_editor(args, model, tokenizer, editors)
         editors["training_free"] = editor
     if "fine_tuning" in args.methods:
         settings["fine_tuning_layers"] = edit_layers(editors, model)
@@ -148,15 +151,18 @@ def edit_layers(editors: dict[str, MalmenEditorModel], model) -> list[str]:
     return default_edit_modules(model)
 
 
-def training_free_editor(args, model, tokenizer, editors) -> tuple[MalmenEditorModel, dict]:
-    """The untrained editor on the trained editors' layers, fitted and (with --tune) tuned on train facts only."""
-    editor = MalmenEditorModel.for_model(
-        model, edit_modules=edit_layers(editors, model), n_blocks=0, base_model_name_or_path=args.model
-    )
+def tuned_training_free_editor(args, model, tokenizer, editors) -> tuple[MalmenEditorModel, dict]:
+    """
+    The library's training-free editor (`malmen_hf.training_free_editor`) on the trained editors' layers, fitted on
+    the first `--fit-facts` train facts and, with --tune, its lr and lambda chosen on the last `--tune-facts`.
+    """
     train = load_edit_requests(args.train_data, "counterfact")
     fit, held_out = train[: args.fit_facts], train[-args.tune_facts :]
-    fit_normalizer(editor, model, fit, tokenizer, batch_size=args.batch_size)
     chosen = {"lr": args.training_free_lr, "lambda": args.training_free_lambda, "grid": []}
+    editor = training_free_editor(
+        model, tokenizer, fit, edit_modules=edit_layers(editors, model), lr=chosen["lr"], log_lambda=chosen["lambda"],
+        batch_size=args.batch_size, base_model_name_or_path=args.model,
+    )  # fmt: skip
     if args.tune:
         before = locality_predictions(model, tokenizer, held_out, args.batch_size)
         best = -1.0

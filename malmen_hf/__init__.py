@@ -1,43 +1,57 @@
 """malmen-hf: MALMEN model editing, native to the Hugging Face ecosystem."""
 
-from transformers import AutoConfig, AutoModel
-
-from .artifacts import load_edits
-from .configuration_malmen import MalmenConfig
-from .data import FORMATS, load_edit_requests
-from .editing import EditHandle, MalmenEditableMixin, apply_edits, revert_edits
-from .facts import EditRequest
-from .functional import least_squares_shift, summed_shift, value_differences
-from .layers import default_edit_modules
-from .modeling_malmen import MalmenEditorModel, MalmenPreTrainedModel
-from .trainer import MalmenTrainingArguments, train_editor
-from .training import fit_normalizer
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-AutoConfig.register("malmen", MalmenConfig)
-AutoModel.register(MalmenConfig, MalmenEditorModel)
-# Saved editors carry their code, so they also load with `trust_remote_code=True` where malmen_hf is not installed.
-MalmenConfig.register_for_auto_class()
-MalmenEditorModel.register_for_auto_class("AutoModel")
+# Public name -> the submodule that defines it. Those submodules import torch and transformers (seconds), so they are
+# imported on the first use of any of these names (PEP 562): `import malmen_hf` and `malmen-hf --help` stay fast.
+_EXPORTS = {
+    "EditHandle": "editing",
+    "EditRequest": "facts",
+    "FORMATS": "data",
+    "MalmenConfig": "configuration_malmen",
+    "MalmenEditableMixin": "editing",
+    "MalmenEditorModel": "modeling_malmen",
+    "MalmenPreTrainedModel": "modeling_malmen",
+    "MalmenTrainingArguments": "training_args",
+    "apply_edits": "editing",
+    "default_edit_modules": "layers",
+    "fit_normalizer": "training",
+    "least_squares_shift": "functional",
+    "load_edit_requests": "data",
+    "load_edits": "artifacts",
+    "revert_edits": "editing",
+    "summed_shift": "functional",
+    "train_editor": "trainer",
+    "training_free_editor": "training",
+    "value_differences": "functional",
+}
 
-__all__ = [
-    "EditHandle",
-    "EditRequest",
-    "FORMATS",
-    "MalmenConfig",
-    "MalmenEditableMixin",
-    "MalmenEditorModel",
-    "MalmenPreTrainedModel",
-    "MalmenTrainingArguments",
-    "apply_edits",
-    "default_edit_modules",
-    "fit_normalizer",
-    "least_squares_shift",
-    "load_edits",
-    "load_edit_requests",
-    "revert_edits",
-    "summed_shift",
-    "train_editor",
-    "value_differences",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _import_api()
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+def _import_api() -> None:
+    """Imports every public name at once and registers the editor with transformers' Auto classes."""
+    for name, module in _EXPORTS.items():
+        globals()[name] = getattr(importlib.import_module(f".{module}", __name__), name)
+    from transformers import AutoConfig, AutoModel
+
+    config_class, model_class = globals()["MalmenConfig"], globals()["MalmenEditorModel"]
+    AutoConfig.register("malmen", config_class)
+    AutoModel.register(config_class, model_class)
+    # Saved editors carry their code, so they also load with `trust_remote_code=True` where malmen_hf is not installed.
+    config_class.register_for_auto_class()
+    model_class.register_for_auto_class("AutoModel")

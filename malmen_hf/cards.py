@@ -8,6 +8,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .metrics import SCORES
 from .models import OFFLINE_MODELS
+from .shipped import package_data_dir
 
 if TYPE_CHECKING:
     from .modeling_malmen import MalmenEditorModel
@@ -23,10 +24,10 @@ TRAINING_ROWS = (
 
 def template_path() -> Path:
     """The editor card template: inside the installed package, or in the repository's `model_cards/`."""
-    for folder in (Path(__file__).parent / "model_cards", Path(__file__).resolve().parents[1] / "model_cards"):
-        if (folder / TEMPLATE_NAME).is_file():
-            return folder / TEMPLATE_NAME
-    raise FileNotFoundError(f"The model card template {TEMPLATE_NAME} is missing from this installation of malmen-hf")
+    folder = package_data_dir("model_cards")
+    if folder is None or not (folder / TEMPLATE_NAME).is_file():
+        raise FileNotFoundError(f"The model card template {TEMPLATE_NAME} is missing from this malmen-hf installation")
+    return folder / TEMPLATE_NAME
 
 
 def editor_card(
@@ -35,7 +36,7 @@ def editor_card(
     *,
     editor_id: str = "path/to/editor",
     dataset: str | None = None,
-    results_command: str | None = None,
+    results_command: str | Sequence[str] | None = None,
     license: str = "apache-2.0",
 ) -> ModelCard:
     """
@@ -48,13 +49,14 @@ def editor_card(
             [`~metrics.SCORES`], e.g. what `malmen-hf eval --json` prints under `"after"`, plus `"n"`.
         editor_id (`str`): The Hub id or folder users load the editor from, for the usage snippet.
         dataset (`str`, *optional*): The Hub id or name of the data the results were measured on.
-        results_command (`str`, *optional*): The command that measured the results.
+        results_command (`str` or `list[str]`, *optional*): The command(s) that measured the results.
         license (`str`, defaults to `"apache-2.0"`): The editor's license.
     """
     config = editor.config
     base_model = config.base_model_name_or_path or "unknown"
     offline = OFFLINE_MODELS.get(base_model)
     hub_base_model = offline.hub_id if offline is not None else base_model
+    commands = [results_command] if isinstance(results_command, str) else list(results_command or [])
     score_names = [name for name in SCORES if any(row.get(name) is not None for row in results)]
     training = {key: config.training[key] for key in TRAINING_ROWS if key in (config.training or {})}
     card_data = ModelCardData(
@@ -80,7 +82,7 @@ def editor_card(
             [[str(row["n"]), *(_number(row.get(name)) for name in score_names)] for row in results],
         ),
         results_dataset=dataset or "the evaluation data",
-        results_command=results_command,
+        results_commands="; ".join(f"`{command}`" for command in commands),
         training_table=_markdown_table(["setting", "value"], [[key, f"`{value}`"] for key, value in training.items()]),
     )
 

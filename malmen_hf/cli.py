@@ -1,35 +1,31 @@
-"""The `malmen-hf` command line."""
+"""
+The `malmen-hf` command line.
+
+This module imports only the standard library and malmen-hf's light modules: each command imports torch and
+transformers (seconds) when it runs, after checking its paths and names, so that `--help` and bad input answer at once.
+"""
 
 import argparse
 import dataclasses
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
 
-import torch
-from huggingface_hub import HfApi, ModelCard
-
-from .cards import editor_card
-from .data import FORMATS, load_edit_requests
-from .facts import EditRequest
-from .metrics import SCORES, greedy_answers, locality_predictions, scores_of_model
-from .modeling_malmen import MalmenEditorModel
-from .models import load_model_and_tokenizer
-from .trainer import MalmenTrainingArguments, train_editor
+from .shipped import DEFAULT_EDITOR, resolve_editor
+from .training_args import MalmenTrainingArguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
-# The editor trained for the demo's model and committed with the repository (see its model card).
-SHIPPED_EDITOR = REPO_ROOT / "editors" / "malmen-smollm2-135m-counterfact"
+TRAINING_FREE = "training-free"
 HAND_WRITTEN_FACTS = [
-    EditRequest("The Eiffel Tower is located in the city of", "Rome"),
-    EditRequest("The capital of Japan is", "Madrid"),
-    EditRequest("The CEO of the company malmen-hf is", "Ada Lovelace"),
+    ("The Eiffel Tower is located in the city of", "Rome"),
+    ("The capital of Japan is", "Madrid"),
+    ("The CEO of the company malmen-hf is", "Ada Lovelace"),
 ]
-# The training-free editor's settings for SmolLM2-135M, chosen on the first facts of counterfact/train.json.
 DEMO_SCORES = {
     "ES": "edit success",
     "GS": "generalization",
@@ -37,29 +33,27 @@ DEMO_SCORES = {
     "ES_greedy": "greedy answer is the new target",
     "GS_greedy": "the same, rephrased",
 }
-TRAINING_FREE_LR = 3e-3
-TRAINING_FREE_LAMBDA = 0.0
 
 
 def demo(args: argparse.Namespace) -> None:
     """Edits a real model with a few hundred facts at once, shows the answers change, then reverts them."""
+    data = _demo_data(args.data)
+    _check_model(args.model)
+    if args.editor != TRAINING_FREE:
+        _check_editor(args.editor)
+    import torch
+
+    from . import EditRequest, load_edit_requests
+    from .metrics import greedy_answers, locality_predictions, scores_of_model
+    from .models import load_model_and_tokenizer
+
     torch.manual_seed(0)
+    requests = load_edit_requests(data, "counterfact", limit=args.num_facts) if data is not None else []
+    requests += [EditRequest(prompt, target) for prompt, target in HAND_WRITTEN_FACTS]
+    shown = requests[-len(HAND_WRITTEN_FACTS) :] + requests[: args.show]
     _status(f"Loading {args.model} ...")
     model, tokenizer = load_model_and_tokenizer(args.model)
-    if args.editor != "training-free" and (args.editor != str(SHIPPED_EDITOR) or SHIPPED_EDITOR.is_dir()):
-        editor = MalmenEditorModel.from_pretrained(args.editor)
-        _status(f"Editor: {args.editor}")
-    else:
-        editor = MalmenEditorModel.for_model(
-            model, lr_init=args.lr, lambda_init=args.log_lambda, n_blocks=0, base_model_name_or_path=args.model
-        )
-        _status(f"Editor: training-free (untrained hyper-network, lr={args.lr:g}, lambda={args.log_lambda:g})")
-    data = Path(args.data)
-    requests = load_edit_requests(data, "counterfact", limit=args.num_facts) if data.is_file() else []
-    if not requests:
-        _status(f"({data} not found: editing the hand-written facts only)")
-    requests += HAND_WRITTEN_FACTS
-    shown = HAND_WRITTEN_FACTS + requests[: args.show]
+    editor = _demo_editor(args, model, tokenizer)
     editor.attach(model, tokenizer)
 
     _status(f"Scoring the unedited model on {len(requests)} facts ...")
@@ -88,6 +82,31 @@ def demo(args: argparse.Namespace) -> None:
         _print_demo(handle, seconds, answers, scores_before, scores_after, restored == before)
     if restored != before:
         sys.exit(1)
+
+
+def _demo_data(data: str | None) -> Path | None:
+    """The demo's CounterFact file: `--data`, else the project's `edit.json` when this is a checkout beside it."""
+    if data is not None:
+        return _check_file(data, "data")
+    if DEFAULT_DATA.is_file():
+        return DEFAULT_DATA
+    _status(f"({DEFAULT_DATA} not found: editing the hand-written facts only; give --data FILE for more)")
+    return None
+
+
+def _demo_editor(args: argparse.Namespace, model, tokenizer):
+    if args.editor != TRAINING_FREE:
+        from . import MalmenEditorModel
+
+        _status(f"Editor: {args.editor}")
+        return MalmenEditorModel.from_pretrained(args.editor)
+    from . import training_free_editor
+
+    settings = {key: value for key, value in (("lr", args.lr), ("log_lambda", args.log_lambda)) if value is not None}
+    _status("Editor: training-free (fitting its normalizer on the CounterFact sample shipped with malmen-hf) ...")
+    editor = training_free_editor(model, tokenizer, **settings, base_model_name_or_path=args.model)
+    _status(f"Editor: training-free, lr={editor.config.lr_init:g}, log lambda={editor.config.lambda_init:g}")
+    return editor
 
 
 def _print_demo(handle, seconds, answers, scores_before, scores_after, reverted) -> None:
@@ -126,9 +145,48 @@ def _one_line(cell: object, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _check_file(path: str | os.PathLike, what: str) -> Path:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path} is not a file")
+    return Path(path)
+
+
+def _check_model(name_or_path: str) -> None:
+    """A folder, a short name, or a Hub id that can be had: else a "model not found" error, before any slow work."""
+    from .models import OFFLINE_MODELS, check_source
+
+    check_source(name_or_path, "model", OFFLINE_MODELS)
+
+
+def _check_editor(name_or_path: str) -> None:
+    from .models import check_source
+    from .shipped import shipped_editors
+
+    check_source(name_or_path, "editor", shipped_editors())
+    if os.path.isdir(name_or_path):
+        _editor_folder(name_or_path)
+
+
+def _check_scores(scores: list[str] | None) -> list[str]:
+    from .metrics import SCORES
+
+    unknown = [name for name in scores or [] if name not in SCORES]
+    if unknown:
+        raise ValueError(f"unknown --scores {unknown}; the scores are {', '.join(SCORES)}")
+    return scores or list(SCORES)
+
+
 def train(args: argparse.Namespace) -> None:
     """Meta-trains an editor for a model on a data file (see `train_editor`)."""
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    for path, what in ((args.data, "data"), (args.eval_data, "eval data")):
+        if path:
+            _check_file(path, what)
+    _check_model(args.model)
+    if args.editor:
+        _check_editor(args.editor)
+    from . import MalmenEditorModel, load_edit_requests, train_editor
+    from .models import load_model_and_tokenizer
+
     requests = load_edit_requests(args.data, args.format)
     if args.eval_data:
         eval_requests = load_edit_requests(args.eval_data, args.format)
@@ -136,6 +194,7 @@ def train(args: argparse.Namespace) -> None:
         # Hold out the last facts of the training file: choose settings on data the editor was not trained on.
         held_out = max(1, round(len(requests) * args.eval_fraction))
         requests, eval_requests = requests[:-held_out], requests[-held_out:]
+    model, tokenizer = load_model_and_tokenizer(args.model)
     if args.editor:
         editor = MalmenEditorModel.from_pretrained(args.editor)
     else:
@@ -152,11 +211,22 @@ def train(args: argparse.Namespace) -> None:
 
 def evaluate_editor(args: argparse.Namespace) -> None:
     """Scores a model on N facts before and after editing them all at once with an editor; prints a table or JSON."""
-    torch.manual_seed(0)
+    if args.update_card and not args.editor:
+        raise ValueError("--update-card needs --editor (the folder whose card gets the scores)")
+    _check_file(args.data, "data")
+    _check_model(args.model)
+    if args.editor:
+        _check_editor(args.editor)
     if args.update_card:
-        if not args.editor:
-            raise ValueError("--update-card needs --editor (the folder whose card gets the scores)")
         _editor_folder(args.editor)
+    scores = _check_scores(args.scores)
+    import torch
+
+    from . import MalmenEditorModel, load_edit_requests
+    from .metrics import locality_predictions, scores_of_model
+    from .models import load_model_and_tokenizer
+
+    torch.manual_seed(0)
     requests = load_edit_requests(args.data, args.format, limit=args.offset + args.num_facts)[args.offset :]
     if len(requests) < args.num_facts:
         raise ValueError(
@@ -164,94 +234,138 @@ def evaluate_editor(args: argparse.Namespace) -> None:
             f"({args.offset} + {args.num_facts})"
         )
     model, tokenizer = load_model_and_tokenizer(args.model)
-    locality_before = locality_predictions(model, tokenizer, requests, args.batch_size)
+    editor = MalmenEditorModel.from_pretrained(args.editor) if args.editor else None
     results = {"model": args.model, "editor": args.editor, "data": str(args.data), "num_facts": len(requests)}
-    results["before"] = scores_of_model(model, tokenizer, requests, locality_before, args.batch_size, args.scores)
-    if args.editor:
-        editor = MalmenEditorModel.from_pretrained(args.editor)
+    results["command"] = shlex.join(["malmen-hf", *args.argv])
+    _status(f"Scoring the unedited model on {len(requests)} facts ...")
+    locality_before = locality_predictions(model, tokenizer, requests, args.batch_size, progress=True)
+    results["before"] = scores_of_model(model, tokenizer, requests, locality_before, args.batch_size, scores, True)
+    if editor is not None:
         start = time.perf_counter()
-        handle = editor.apply_edits(model, requests, tokenizer=tokenizer, batch_size=args.batch_size)
+        handle = editor.apply_edits(model, requests, tokenizer=tokenizer, batch_size=args.batch_size, progress=True)
         results["edit_seconds"] = time.perf_counter() - start
-        results["after"] = scores_of_model(model, tokenizer, requests, locality_before, args.batch_size, args.scores)
+        _status("Scoring the edited model ...")
+        results["after"] = scores_of_model(model, tokenizer, requests, locality_before, args.batch_size, scores, True)
         handle.revert()
         if args.update_card:
-            _update_card(args, editor, results)
+            folder = _editor_folder(args.editor)
+            rows = [{"n": results["num_facts"], **results["after"]}]
+            _merge_into_card(folder / "README.md", editor, rows, str(folder), None, Path(args.data).name, None)
     if args.json:
         print(json.dumps(results, indent=1))
         return
     header = ["score", "before"] + (["after"] if args.editor else [])
     rows = [
-        [name] + [f"{results[when][name]:.3f}" for when in ("before", "after") if when in results]
-        for name in args.scores
+        [name] + [f"{results[when][name]:.3f}" for when in ("before", "after") if when in results] for name in scores
     ]
     edited = f", edited in {results['edit_seconds']:.1f} s" if args.editor else " (no editor: unedited model only)"
     print(f"{len(requests)} facts from {args.data}{edited}\n" + _table(header, rows, width=16))
 
 
 def card(args: argparse.Namespace) -> None:
-    """Writes the model card (README.md) of a saved editor, with results from `eval --json` or the benchmark."""
+    """
+    Writes the model card (README.md) of a saved editor with results from `eval --json` or the quality benchmark,
+    merged into the results the card already has: a row per N, the new one replacing an old one of the same N.
+    """
     editor_dir = _editor_folder(args.editor)
-    results, command = _card_results(Path(args.results), args.method) if args.results else ([], None)
+    rows, command, data_name = _card_results(Path(args.results), args.method) if args.results else ([], None, None)
+    from . import MalmenEditorModel
+
     editor = MalmenEditorModel.from_pretrained(editor_dir)
     output = Path(args.output) if args.output else editor_dir / "README.md"
-    _write_card(output, editor, results, args.editor_id or str(editor_dir), args.dataset, command)
+    existing = output if output.is_file() else editor_dir / "README.md"
+    card_text = existing.read_text() if existing.is_file() else None
+    _merge_into_card(
+        output, editor, rows, args.editor_id or str(editor_dir), args.dataset, data_name, command, card_text
+    )
 
 
-def _update_card(args: argparse.Namespace, editor, results: dict) -> None:
-    """Puts this run's scores (for its N) into the editor folder's card, keeping its results for other N."""
-    folder = _editor_folder(args.editor)
-    dataset = Path(args.data).name
-    rows = [row for row in _results_in_card(folder / "README.md", dataset) if row["n"] != results["num_facts"]]
-    rows = sorted([*rows, {"n": results["num_facts"], **results["after"]}], key=lambda row: row["n"])
-    _write_card(folder / "README.md", editor, rows, str(folder), dataset, None)
+def _merge_into_card(
+    output: Path, editor, rows, editor_id, dataset, data_name, command, card_text: str | None = None
+) -> None:
+    """
+    Writes `output` with the result `rows` merged into those of the existing card (`card_text`, by default the file
+    at `output`), by (dataset, N). The dataset is `dataset` if given, else the card's, else `data_name`: a card
+    shows one dataset, so rows of another one are replaced (and said so).
+    """
+    from huggingface_hub import ModelCard
+
+    if card_text is None and output.is_file():
+        card_text = output.read_text()
+    old = ModelCard(card_text) if card_text else None
+    old_dataset = (old.data.datasets or [None])[0] if old is not None else None
+    dataset = dataset or old_dataset or data_name or "unknown"
+    if old_dataset is not None and old_dataset != dataset:
+        _status(f"The card's results on {old_dataset} are replaced by results on {dataset} (a card shows one dataset)")
+    earlier = _results_in_card(old, dataset) if old is not None else []
+    new_n = {row["n"] for row in rows}
+    merged = sorted([row for row in earlier if row["n"] not in new_n] + list(rows), key=lambda row: row["n"])
+    commands = _commands_in_card(card_text) if earlier and len(merged) > len(rows) else []
+    commands += [command] if command and command not in commands else []
+    _write_card(output, editor, merged, editor_id, dataset, commands)
 
 
 def _editor_folder(path: str) -> Path:
-    folder = Path(path)
+    folder = Path(resolve_editor(path))
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is not a saved editor folder (no config.json)")
+        raise FileNotFoundError(f"editor not found: {folder} is not a saved editor folder (no config.json)")
     return folder
 
 
-def _write_card(output: Path, editor, results, editor_id, dataset, command) -> None:
-    model_card = editor_card(editor, results, editor_id=editor_id, dataset=dataset, results_command=command)
+def _write_card(output: Path, editor, results, editor_id, dataset, commands) -> None:
+    from .cards import editor_card
+
+    model_card = editor_card(editor, results, editor_id=editor_id, dataset=dataset, results_command=commands)
     temporary = output.with_name(f".{output.name}.tmp")
     model_card.save(temporary)
     os.replace(temporary, output)  # a failed write leaves the previous card as it was
-    print(f"Wrote {output}" + (f" with {len(results)} result rows" if results else ""), file=sys.stderr)
+    _status(f"Wrote {output}" + (f" with {len(results)} result rows" if results else ""))
 
 
-def _results_in_card(path: Path, dataset: str) -> list[dict]:
-    """The result rows (one per N) of an existing card's model-index for `dataset`."""
-    if not path.is_file():
-        return []
+def _results_in_card(card, dataset: str) -> list[dict]:
+    """The result rows (one per N) of a card's model-index for `dataset`."""
     rows: dict[int, dict] = {}
-    for result in ModelCard.load(path).data.eval_results or []:
+    for result in card.data.eval_results or []:
         if result.dataset_name == dataset and (result.dataset_config or "").startswith("N="):
             n = int(result.dataset_config[2:])
             rows.setdefault(n, {"n": n})[result.metric_type] = result.metric_value
     return [rows[n] for n in sorted(rows)]
 
 
-def _card_results(path: Path, method: str) -> tuple[list[dict], str | None]:
-    """Result rows from `malmen-hf eval --json` output or from `benchmarks/quality.py`'s JSON."""
-    data = json.loads(path.read_text())
+def _commands_in_card(card_text: str | None) -> list[str]:
+    """The commands a card says its results were measured with (its "Measured with `...`" line)."""
+    line = re.search(r"^Measured with (.*)\.$", card_text or "", re.M)
+    return re.findall(r"`([^`]+)`", line.group(1)) if line else []
+
+
+def _card_results(path: Path, method: str) -> tuple[list[dict], str | None, str | None]:
+    """Result rows, the command and the data file's name, from `eval --json` output or `benchmarks/quality.py`."""
+    data = json.loads(_check_file(path, "results").read_text())
     if "after" in data:
-        return [{"n": data["num_facts"], **data["after"]}], None
+        return [{"n": data["num_facts"], **data["after"]}], data.get("command"), Path(data["data"]).name
     if "rows" in data:
         rows = [row for row in data["rows"] if row.get("method") == method and "skipped" not in row]
         if not rows:
             raise ValueError(f"{path} has no results for method {method!r}")
-        return rows, data.get("command")
+        data_file = data.get("settings", {}).get("data")
+        return rows, data.get("command"), Path(data_file).name if data_file else None
     raise ValueError(f"{path} is neither `malmen-hf eval --json` output nor a quality benchmark result")
 
 
 def edit(args: argparse.Namespace) -> None:
     """Edits a model with facts from a file or the command line; prints the answers before and after; saves."""
+    if not args.facts and not args.fact:
+        raise ValueError("no facts: give --facts FILE and/or --fact PROMPT TARGET")
+    if args.facts:
+        _check_file(args.facts, "facts")
+    _check_model(args.model)
+    _check_editor(args.editor)
+    from . import EditRequest, MalmenEditorModel, load_edit_requests
+    from .metrics import greedy_answers
+    from .models import load_model_and_tokenizer
+
     requests = load_edit_requests(args.facts, args.format) if args.facts else []
     requests += [EditRequest(prompt, target) for prompt, target in args.fact or []]
-    if not requests:
-        raise ValueError("no facts: give --facts FILE and/or --fact PROMPT TARGET")
     editor = MalmenEditorModel.from_pretrained(args.editor)
     model, tokenizer = load_model_and_tokenizer(args.model)
     shown = requests[: args.show]
@@ -289,12 +403,18 @@ def push(args: argparse.Namespace) -> None:
     options = {"commit_message": args.commit_message, "revision": args.revision, "create_pr": args.create_pr}
     if args.edits:
         if not (Path(args.edits) / "edit_manifest.json").is_file():
-            raise FileNotFoundError(f"{args.edits} holds no saved edits (edit_manifest.json is missing)")
+            raise FileNotFoundError(f"edits not found: {args.edits} holds no edit_manifest.json")
+        from huggingface_hub import HfApi
+
         api = HfApi(token=args.token)
         repo_id = api.create_repo(args.repo_id, private=args.private, exist_ok=True).repo_id
         commit = api.upload_folder(repo_id=repo_id, folder_path=args.edits, **options)
     else:
         folder = _editor_folder(args.editor)
+        from huggingface_hub import ModelCard
+
+        from . import MalmenEditorModel
+
         editor = MalmenEditorModel.from_pretrained(folder)
         card_path = folder / "README.md"
         model_card = ModelCard.load(card_path) if card_path.is_file() else None
@@ -331,16 +451,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--model", default="smollm2-135m", help="short name, local folder or Hub id")
     demo_parser.add_argument(
         "--editor",
-        default=str(SHIPPED_EDITOR),
-        help="a saved editor (folder or Hub id), or 'training-free'; default: the editor shipped for SmolLM2-135M",
+        default=DEFAULT_EDITOR,
+        help=f"a released editor's short name, a saved editor (folder or Hub id), or {TRAINING_FREE!r} (the untrained "
+        "editor, its normalizer fitted on CounterFact facts shipped with malmen-hf); default: %(default)s",
     )
-    demo_parser.add_argument("--data", default=str(DEFAULT_DATA), help="CounterFact JSON (simplified form)")
+    demo_parser.add_argument(
+        "--data", help=f"CounterFact JSON (simplified form); default: {DEFAULT_DATA} when it exists"
+    )
     demo_parser.add_argument("--num-facts", type=int, default=300, help="CounterFact records to edit at once")
     demo_parser.add_argument("--show", type=int, default=5, help="CounterFact edits to print before/after")
     demo_parser.add_argument("--batch-size", type=int, default=32, help="facts per base-model pass")
-    demo_parser.add_argument("--lr", type=float, default=TRAINING_FREE_LR, help="training-free editor's lr")
     demo_parser.add_argument(
-        "--log-lambda", type=float, default=TRAINING_FREE_LAMBDA, help="training-free editor's log ridge coefficient"
+        "--lr", type=float, help="training-free editor's lr (default: malmen_hf.training.TRAINING_FREE_LR)"
+    )
+    demo_parser.add_argument(
+        "--log-lambda",
+        type=float,
+        help="training-free editor's log ridge coefficient (default: malmen_hf.training.TRAINING_FREE_LOG_LAMBDA)",
     )
     demo_parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     demo_parser.set_defaults(run=demo)
@@ -348,7 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = commands.add_parser("train", help="meta-train an editor for a model on a data file")
     train_parser.add_argument("--model", required=True, help="short name, local folder or Hub id of the base model")
     train_parser.add_argument("--data", required=True, help="training facts (JSON or JSONL)")
-    train_parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="format of the data files")
+    train_parser.add_argument(
+        "--format",
+        default="auto",
+        help="format of the data file: auto (detected from its keys) or a name in malmen_hf.FORMATS",
+    )
     train_parser.add_argument("--eval-data", help="held-out facts for validation (default: split off --data)")
     train_parser.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out")
     train_parser.add_argument("--editor", help="a saved editor to go on training (default: a new one)")
@@ -371,19 +502,24 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="score a model on N facts before and after editing them all at once with an editor"
     )
     eval_parser.add_argument("--model", default="smollm2-135m", help="short name, local folder or Hub id")
-    eval_parser.add_argument("--editor", help="a saved editor (folder or Hub id); without it the unedited model only")
+    eval_parser.add_argument(
+        "--editor",
+        help="a released editor's short name or a saved editor (folder or Hub id); without it the unedited model only",
+    )
     eval_parser.add_argument("--data", default=str(DEFAULT_DATA), help="facts to edit (JSON or JSONL)")
-    eval_parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="format of the data file")
+    eval_parser.add_argument(
+        "--format",
+        default="auto",
+        help="format of the data file: auto (detected from its keys) or a name in malmen_hf.FORMATS",
+    )
     eval_parser.add_argument("--num-facts", type=int, default=100, help="facts edited at once (N)")
     eval_parser.add_argument("--offset", type=int, default=0, help="records of the file to skip first")
     eval_parser.add_argument("--batch-size", type=int, default=32, help="facts per base-model pass")
     eval_parser.add_argument(
         "--scores",
         nargs="+",
-        choices=list(SCORES),
-        default=list(SCORES),
         metavar="SCORE",
-        help="scores to compute (default: all): " + "; ".join(f"{name}: {text}" for name, text in SCORES.items()),
+        help="scores to compute (default: all of malmen_hf.metrics.SCORES: ES GS LS ...; see the README's Metrics)",
     )
     eval_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     eval_parser.add_argument(
@@ -394,19 +530,29 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.set_defaults(run=evaluate_editor)
 
     card_parser = commands.add_parser("card", help="write the model card (README.md) of a saved editor")
-    card_parser.add_argument("--editor", required=True, help="the saved editor folder")
+    card_parser.add_argument("--editor", required=True, help="the saved editor folder (or a released editor's name)")
     card_parser.add_argument("--results", help="JSON from `malmen-hf eval --json` or benchmarks/quality.py")
     card_parser.add_argument("--method", default="malmen", help="which method's rows of a benchmark JSON")
     card_parser.add_argument("--editor-id", help="the Hub id users load it from (default: the folder)")
-    card_parser.add_argument("--dataset", help="the data the results were measured on")
+    card_parser.add_argument(
+        "--dataset", help="the data the results were measured on (default: the card's, else the results' data file)"
+    )
     card_parser.add_argument("--output", help="where to write the card (default: <editor>/README.md)")
     card_parser.set_defaults(run=card)
 
     edit_parser = commands.add_parser("edit", help="edit a model with facts, print the answers before and after, save")
     edit_parser.add_argument("--model", default="smollm2-135m", help="short name, local folder or Hub id")
-    edit_parser.add_argument("--editor", default=str(SHIPPED_EDITOR), help="a saved editor (folder or Hub id)")
+    edit_parser.add_argument(
+        "--editor",
+        default=DEFAULT_EDITOR,
+        help="a released editor's short name or a saved editor (folder or Hub id); default: %(default)s",
+    )
     edit_parser.add_argument("--facts", help="facts to edit (JSON or JSONL, any format `train` reads)")
-    edit_parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="format of --facts")
+    edit_parser.add_argument(
+        "--format",
+        default="auto",
+        help="format of the data file: auto (detected from its keys) or a name in malmen_hf.FORMATS",
+    )
     edit_parser.add_argument(
         "--fact", nargs=2, action="append", metavar=("PROMPT", "TARGET"), help="a fact to edit (repeatable)"
     )
@@ -433,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, OSError) as error:

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 from .caching import frozen, scored_logits
 from .facts import (
@@ -30,12 +31,15 @@ def teacher_forced_predictions(
     prompts: Sequence[str],
     targets: Sequence[str],
     batch_size: int = 32,
+    *,
+    desc: str | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """
     For each `(prompt, target)`, the model's argmax at each target position given the prompt and the preceding target
-    tokens, and the target tokens themselves: `(predicted_ids, target_ids)`.
+    tokens, and the target tokens themselves: `(predicted_ids, target_ids)`. With `desc`, a progress bar of that name
+    counts the batches (on stderr).
     """
-    rows = _scan_targets(model, tokenizer, prompts, targets, batch_size, lambda logits, _: logits.argmax(-1))
+    rows = _scan_targets(model, tokenizer, prompts, targets, batch_size, lambda logits, _: logits.argmax(-1), desc)
     return [(predicted.tolist(), target.tolist()) for predicted, target in rows]
 
 
@@ -45,27 +49,32 @@ def target_log_probs(
     prompts: Sequence[str],
     targets: Sequence[str],
     batch_size: int = 32,
+    *,
+    desc: str | None = None,
 ) -> list[float]:
     """
     The mean log-probability of each target's tokens given its prompt (teacher-forced), the quantity CounterFact's
-    probability comparisons use (a mean per token, so that targets of different lengths compare fairly).
+    probability comparisons use (a mean per token, so that targets of different lengths compare fairly). With `desc`,
+    a progress bar of that name counts the batches (on stderr).
     """
 
     def log_probs(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(logits.float(), -1).gather(-1, target_ids.to(logits.device)[:, None])[:, 0]
 
-    rows = _scan_targets(model, tokenizer, prompts, targets, batch_size, log_probs)
+    rows = _scan_targets(model, tokenizer, prompts, targets, batch_size, log_probs, desc)
     return [float(values.mean()) for values, _ in rows]
 
 
 @torch.no_grad()
-def _scan_targets(model, tokenizer, prompts, targets, batch_size, reduce) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _scan_targets(
+    model, tokenizer, prompts, targets, batch_size, reduce, desc=None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`(reduce(logits, target_ids), target_ids)` per pair, with the logits at its target positions."""
     kind = model_kind(model)
     examples = tokenize_examples(tokenizer, prompts, targets, kind)
     results: list = [None] * len(examples)
     with frozen(model):  # eval mode (no dropout), restored afterwards
-        for indices in batches_by_length(examples, batch_size):
+        for indices in _batches(examples, batch_size, desc):
             batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), kind)
             mask = batch["labels"] != IGNORE_INDEX
             target_ids = batch["labels"][mask]
@@ -84,18 +93,20 @@ def token_accuracy(
     prompts: Sequence[str],
     targets: Sequence[str],
     batch_size: int = 32,
+    *,
+    desc: str | None = None,
 ) -> list[float]:
     """
     Teacher-forced accuracy of each target: the share of its tokens that are the model's argmax when the prompt and
     the preceding target tokens are given. Averaged over facts, this is the paper's ES (on edit prompts) and GS (on
-    rephrasings).
+    rephrasings). With `desc`, a progress bar of that name counts the batches (on stderr).
 
     Returns:
         `list[float]`: one accuracy in `[0, 1]` per `(prompt, target)` pair.
     """
     return [
         _share_equal(predicted, target)
-        for predicted, target in teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size)
+        for predicted, target in teacher_forced_predictions(model, tokenizer, prompts, targets, batch_size, desc=desc)
     ]
 
 
@@ -135,13 +146,19 @@ def locality_predictions(
     tokenizer: "PreTrainedTokenizerBase",
     requests: Sequence[EditRequest],
     batch_size: int = 32,
+    progress: bool = False,
 ) -> list[list[int]]:
-    """The model's teacher-forced argmax at the locality answer positions of each request that has one."""
+    """
+    The model's teacher-forced argmax at the locality answer positions of each request that has one (`progress`:
+    show a progress bar on stderr).
+    """
     pairs = [(r.locality_prompt, r.locality_answer) for r in requests if r.locality_prompt is not None]
     if not pairs:
         return []
     prompts, answers = zip(*pairs, strict=True)
-    return [predicted for predicted, _ in teacher_forced_predictions(model, tokenizer, prompts, answers, batch_size)]
+    desc = "Scoring locality" if progress else None
+    predictions = teacher_forced_predictions(model, tokenizer, prompts, answers, batch_size, desc=desc)
+    return [predicted for predicted, _ in predictions]
 
 
 DEFAULT_SCORES = ("ES", "GS", "LS")
@@ -166,6 +183,7 @@ def scores_of_model(
     locality_before: Sequence[Sequence[int]],
     batch_size: int = 32,
     scores: Sequence[str] = DEFAULT_SCORES,
+    progress: bool = False,
 ) -> dict[str, float]:
     """
     Scores of `model` (edited or not) on `requests`. The paper's three are the default:
@@ -177,7 +195,8 @@ def scores_of_model(
 
     [`SCORES`] lists the others: `LS_acc` (locality as accuracy against the dataset's answer), the greedy exact
     matches `ES_greedy` / `GS_greedy` (what a user sees), and CounterFact's probability comparisons `CF_efficacy`,
-    `CF_paraphrase`, `CF_neighborhood` (requests without a `ground_truth` are left out).
+    `CF_paraphrase`, `CF_neighborhood` (requests without a `ground_truth` are left out). With `progress`, a progress
+    bar per score counts the batches (on stderr).
 
     Returns:
         `dict[str, float]` with the requested `scores` (`nan` where no request has what a score needs).
@@ -189,21 +208,26 @@ def scores_of_model(
     rephrase_pairs = [(text, r.target) for r in requests for text in r.rephrases]
     locality_pairs = [(r.locality_prompt, r.locality_answer) for r in requests if r.locality_prompt is not None]
     results = {}
-    if "ES" in scores:
-        results["ES"] = _mean(token_accuracy(model, tokenizer, *_columns(edit_pairs), batch_size))
-    if "GS" in scores:
-        results["GS"] = _mean(token_accuracy(model, tokenizer, *_columns(rephrase_pairs), batch_size))
+
+    def desc(name: str) -> str | None:
+        return f"Scoring {name}" if progress else None
+
+    for name, pairs in (("ES", edit_pairs), ("GS", rephrase_pairs)):
+        if name in scores:
+            results[name] = _mean(token_accuracy(model, tokenizer, *_columns(pairs), batch_size, desc=desc(name)))
     if {"LS", "LS_acc"} & set(scores):
-        predictions = teacher_forced_predictions(model, tokenizer, *_columns(locality_pairs), batch_size)
+        predictions = teacher_forced_predictions(
+            model, tokenizer, *_columns(locality_pairs), batch_size, desc=desc("LS")
+        )
         if "LS" in scores:
             results["LS"] = _mean(agreement(locality_before, [predicted for predicted, _ in predictions]))
         if "LS_acc" in scores:
             results["LS_acc"] = _mean([_share_equal(predicted, answer) for predicted, answer in predictions])
-    if "ES_greedy" in scores:
-        results["ES_greedy"] = _mean(greedy_exact_match(model, tokenizer, *_columns(edit_pairs), batch_size))
-    if "GS_greedy" in scores:
-        results["GS_greedy"] = _mean(greedy_exact_match(model, tokenizer, *_columns(rephrase_pairs), batch_size))
-    results.update(_counterfact_scores(model, tokenizer, requests, batch_size, [s for s in scores if "CF_" in s]))
+    for name, pairs in (("ES_greedy", edit_pairs), ("GS_greedy", rephrase_pairs)):
+        if name in scores:
+            results[name] = _mean(greedy_exact_match(model, tokenizer, *_columns(pairs), batch_size, desc=desc(name)))
+    counterfact = [name for name in scores if name.startswith("CF_")]
+    results.update(_counterfact_scores(model, tokenizer, requests, batch_size, counterfact, desc))
     return {name: results[name] for name in scores}
 
 
@@ -211,7 +235,7 @@ def _columns(pairs: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
     return [prompt for prompt, _ in pairs], [answer for _, answer in pairs]
 
 
-def _counterfact_scores(model, tokenizer, requests, batch_size, scores) -> dict[str, float]:
+def _counterfact_scores(model, tokenizer, requests, batch_size, scores, desc) -> dict[str, float]:
     """CounterFact's comparisons of P(new target) with P(ground truth), on the requests that have a ground truth."""
     known = [r for r in requests if r.ground_truth is not None]
     prompts = {
@@ -226,8 +250,9 @@ def _counterfact_scores(model, tokenizer, requests, batch_size, scores) -> dict[
     }
     results = {}
     for name in scores:
-        new = target_log_probs(model, tokenizer, prompts[name], [r.target for r in facts[name]], batch_size)
-        true = target_log_probs(model, tokenizer, prompts[name], [r.ground_truth for r in facts[name]], batch_size)
+        targets, truths = [r.target for r in facts[name]], [r.ground_truth for r in facts[name]]
+        new = target_log_probs(model, tokenizer, prompts[name], targets, batch_size, desc=desc(name))
+        true = target_log_probs(model, tokenizer, prompts[name], truths, batch_size, desc=desc(name))
         # Efficacy and paraphrase ask for the new target to win; the neighborhood asks for the truth to stay ahead.
         wins = probability_wins(true, new) if name == "CF_neighborhood" else probability_wins(new, true)
         results[name] = _mean(wins)
@@ -303,20 +328,23 @@ def greedy_exact_match(
     prompts: Sequence[str],
     targets: Sequence[str],
     batch_size: int = 32,
+    *,
+    desc: str | None = None,
 ) -> list[float]:
     """
     `1.0` for each `(prompt, target)` whose greedy continuation, as many tokens long as the target, reads as the
-    target (what a user sees), else `0.0`. The prompts are the exact token ids the teacher-forced scores use.
+    target (what a user sees), else `0.0`. The prompts are the exact token ids the teacher-forced scores use. With
+    `desc`, a progress bar of that name counts the batches (on stderr).
     """
     kind = model_kind(model)
     if kind == "classifier":  # a classifier's answer is its label: the teacher-forced argmax
-        return token_accuracy(model, tokenizer, prompts, targets, batch_size)
+        return token_accuracy(model, tokenizer, prompts, targets, batch_size, desc=desc)
     examples = tokenize_examples(tokenizer, prompts, targets, kind)
     pad_id = pad_id_of(tokenizer)
     device = model.get_input_embeddings().weight.device
     matches = [0.0] * len(examples)
     with frozen(model):
-        for indices in batches_by_length(examples, batch_size):
+        for indices in _batches(examples, batch_size, desc):
             inputs, answers = zip(*(_prompt_and_answer(examples[i], kind) for i in indices), strict=True)
             input_ids, attention_mask = _pad_prompts(inputs, pad_id, left=kind == "causal")
             output = model.generate(
@@ -332,6 +360,12 @@ def greedy_exact_match(
                 generated = tokenizer.decode(row[: len(answer)], skip_special_tokens=True).strip()
                 matches[index] = float(generated == tokenizer.decode(answer, skip_special_tokens=True).strip())
     return matches
+
+
+def _batches(examples, batch_size: int, desc: str | None) -> list[list[int]]:
+    """`batches_by_length`, counted by a progress bar on stderr when `desc` names one."""
+    batches = batches_by_length(examples, batch_size)
+    return tqdm(batches, desc=desc, unit="batch", leave=False) if desc is not None else batches
 
 
 def _prompt_and_answer(example, kind: str) -> tuple[list[int], list[int]]:

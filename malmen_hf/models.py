@@ -14,6 +14,7 @@ Example:
 ```
 """
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -136,15 +138,78 @@ def load_model_and_tokenizer(
         kwargs: Further arguments to `AutoModelForCausalLM.from_pretrained` (e.g. `device_map`, `revision`).
 
     Returns:
-        `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model (in eval mode) and its tokenizer.
+        `tuple[PreTrainedModel, PreTrainedTokenizerBase]`: the model (in eval mode) and its tokenizer. A model
+        loaded by its short name keeps that name as its `name_or_path` (not the cache folder of this machine).
+
+    Raises:
+        `FileNotFoundError` at once (before any download or conversion) if `name_or_path` is not a folder, a short name
+        or a Hub id that can be had (see [`check_source`]).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_source(name_or_path, "model", OFFLINE_MODELS)
     path = resolve_model(name_or_path)
     tokenizer_kwargs = {key: kwargs[key] for key in ("revision", "token", "trust_remote_code") if key in kwargs}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
+    if path != name_or_path:
+        # Keep the short name, not the cache folder of this machine: editors and edit manifests record it.
+        model.name_or_path = model.config.name_or_path = tokenizer.name_or_path = name_or_path
     return model, tokenizer
+
+
+def check_source(name_or_path: str, kind: str = "model", short_names: Iterable[str] = ()) -> None:
+    """
+    Fails at once, before any slow work, when `name_or_path` cannot be loaded: it is not a local folder, not one of
+    `short_names`, and not a Hub id that is in the local Hub cache or can be downloaded (the Hub is not reachable, or
+    it cannot be a Hub id at all). A Hub id is not looked up online: `from_pretrained` reports a wrong one quickly.
+
+    Args:
+        name_or_path (`str`): A local folder, a short name or a Hub id.
+        kind (`str`, defaults to `"model"`): What it names, for the message (`"model"`, `"editor"`).
+        short_names (iterable of `str`): The short names that resolve to something shipped or converted.
+
+    Raises:
+        `FileNotFoundError`: `"<kind> not found: ..."`, with the short names known.
+    """
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    short_names = sorted(short_names)
+    if os.path.isdir(name_or_path) or name_or_path in short_names:
+        return
+    known = f"; the short names known are {', '.join(short_names)}" if short_names else ""
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise FileNotFoundError(f"{kind} not found: {name_or_path} is not a folder{known}") from None
+    if os.path.exists(name_or_path):
+        raise FileNotFoundError(f"{kind} not found: {name_or_path} is a file, not a folder{known}")
+    if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str) or hub_is_reachable():
+        return
+    raise FileNotFoundError(
+        f"{kind} not found: {name_or_path!r} is not a local folder, nor a Hub id in the local cache, and the Hugging "
+        f"Face Hub cannot be reached to download it{known}"
+    )
+
+
+@functools.cache
+def hub_is_reachable(timeout: float = 3.0) -> bool:
+    """
+    Whether the Hugging Face Hub answers (one HEAD request, no retries), so that code can fail at once offline
+    instead of after the Hub client's retries. `False` when `HF_HUB_OFFLINE` is set.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # any failure to connect (DNS, refused, timeout, proxy) means: not reachable now
+        return False
+    return True
 
 
 def _convert(spec: OfflineModel, target: Path) -> None:
@@ -253,4 +318,12 @@ def _save_float_model(spec: OfflineModel, gguf_dir: Path, output: Path) -> None:
     )
 
 
-__all__ = ["OFFLINE_MODELS", "OfflineModel", "default_cache_dir", "load_model_and_tokenizer", "resolve_model"]
+__all__ = [
+    "OFFLINE_MODELS",
+    "OfflineModel",
+    "check_source",
+    "default_cache_dir",
+    "hub_is_reachable",
+    "load_model_and_tokenizer",
+    "resolve_model",
+]

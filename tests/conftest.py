@@ -70,3 +70,27 @@ def assert_bit_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]
     assert after.keys() == before.keys()
     changed = [name for name, tensor in before.items() if not torch.equal(tensor, after[name])]
     assert not changed, f"changed: {changed}"
+
+
+@pytest.fixture
+def tiny_short_names(tmp_path, monkeypatch):
+    """
+    The short names of the default model and editor (`"smollm2-135m"`, `"malmen-smollm2-135m-counterfact"`) resolve
+    to a tiny Llama and an untrained editor for it, through the real mechanisms: a converted model in the
+    `$MALMEN_HF_CACHE` folder, and a released editor in the package's editors folder. Returns the model and tokenizer.
+    """
+    from malmen_hf import MalmenEditorModel, shipped
+
+    tokenizer = tiny.llama_tokenizer()
+    model = tiny.llama_model(len(tokenizer))
+    cache = tmp_path / "malmen_hf_cache"
+    model.save_pretrained(cache / "smollm2-135m")
+    tokenizer.save_pretrained(cache / "smollm2-135m")
+    monkeypatch.setenv("MALMEN_HF_CACHE", str(cache))
+    editors = tmp_path / "package_editors"
+    editor = MalmenEditorModel.for_model(model, rank=4, lr_init=0.5, base_model_name_or_path="smollm2-135m")
+    editor.save_pretrained(editors / shipped.DEFAULT_EDITOR)
+    package_data_dir = shipped.package_data_dir
+    with_tiny_editors = lambda name: editors if name == "editors" else package_data_dir(name)  # noqa: E731
+    monkeypatch.setattr(shipped, "package_data_dir", with_tiny_editors)
+    return model, tokenizer

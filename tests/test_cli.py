@@ -1,8 +1,13 @@
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
+from huggingface_hub import ModelCard
 
-from malmen_hf import MalmenEditorModel, load_edit_requests
+from malmen_hf import EditRequest, MalmenEditorModel, load_edit_requests
 from malmen_hf.cli import DEMO_SCORES, HAND_WRITTEN_FACTS, main
 from malmen_hf.metrics import SCORES, edit_scores, locality_predictions, scores_of_model
 from tests import tiny
@@ -69,9 +74,9 @@ def test_demo_json_reports_the_edit_and_the_revert(saved, capsys):
         "--data", str(folder / "cf.json"), "--show", "1", "--json",
     ])  # fmt: skip
     output = json.loads(capsys.readouterr().out)  # stdout holds the JSON only: progress goes to stderr
-    requests = load_edit_requests(folder / "cf.json") + HAND_WRITTEN_FACTS
+    requests = load_edit_requests(folder / "cf.json") + [EditRequest(*fact) for fact in HAND_WRITTEN_FACTS]
     assert output["num_facts"] == len(requests) == 6 and output["reverted"]
-    assert [row["target"] for row in output["answers"]] == [r.target for r in HAND_WRITTEN_FACTS] + ["Islam"]
+    assert [row["target"] for row in output["answers"]] == [target for _, target in HAND_WRITTEN_FACTS] + ["Islam"]
     assert all(row["after_revert"] == row["before"] for row in output["answers"])
     before, scores = locality_predictions(model, tokenizer, requests), list(DEMO_SCORES)
     assert output["before"] == pytest.approx(scores_of_model(model, tokenizer, requests, before, scores=scores))
@@ -176,7 +181,7 @@ def test_push_an_editor_with_its_card_and_an_edit_artifact(saved, monkeypatch, c
     FakeHfApi.calls = []
     FakeHfApi.uploaded = folder / "uploaded"
     monkeypatch.setattr("malmen_hf.modeling_malmen.HfApi", FakeHfApi)
-    monkeypatch.setattr("malmen_hf.cli.HfApi", FakeHfApi)
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeHfApi)
     (folder / "editor" / "README.md").write_text("---\nlicense: mit\n---\n# My card\n")
     main(["push", "--editor", str(folder / "editor"), "--repo-id", "org/editor", "--private"])
     assert (folder / "uploaded" / "README.md").read_text().endswith("# My card\n")  # the folder's own card
@@ -189,3 +194,127 @@ def test_push_an_editor_with_its_card_and_an_edit_artifact(saved, monkeypatch, c
     assert sorted(FakeHfApi.calls[-1][2]) == ["edit_manifest.json", "edit_shifts.safetensors"]
     assert FakeHfApi.calls[-1][3]["create_pr"] is True
     assert "Pushed to org/edits" in capsys.readouterr().out
+
+
+def _no_slow_work(monkeypatch):
+    """Loading a model is the first slow step of every command: make it fail the test if it is reached."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("malmen_hf.models.load_model_and_tokenizer", load)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["eval", "--editor", "missing/editor/folder"], "editor not found: missing/editor/folder is not a folder"),
+        (["eval", "--editor", "org/not-cached"], "editor not found: 'org/not-cached' is not a local folder"),
+        (["eval", "--model", "./missing-model"], "model not found: ./missing-model is not a folder"),
+        (["edit", "--model", "smollm2-360m", "--fact", "a", "b"], "known are smollm2-135m"),
+        (["demo", "--editor", "./nope"], "editor not found: ./nope is not a folder; the short names known are"),
+        (["train", "--data", "missing.json", "--output-dir", "x"], "data not found: missing.json is not a file"),
+        (["eval", "--scores", "ES", "XS"], "unknown --scores ['XS']"),
+    ],
+)
+def test_bad_paths_and_names_fail_at_once_with_not_found(saved, monkeypatch, capsys, arguments, message):
+    folder, _, _ = saved
+    _no_slow_work(monkeypatch)
+    monkeypatch.setattr("malmen_hf.models.hub_is_reachable", lambda: False)  # offline: no Hub retries
+    command, *options = arguments
+    defaults = {"--model": str(folder / "model"), "--data": str(folder / "cf.json")}
+    if command == "edit":
+        del defaults["--data"]
+    for flag, value in defaults.items():
+        if flag not in options:
+            options += [flag, value]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *options])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.splitlines()[-1]
+    assert error.startswith(f"malmen-hf {command}: error: ") and message in error
+
+
+def test_an_unknown_short_name_offline_lists_the_known_ones_at_once(tmp_path):
+    """In a fresh process with the Hub unreachable (HF_HUB_OFFLINE), not after the Hub client's retries."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "malmen_hf.cli", "eval", "--model", "smollm2-360m", "--data", __file__],
+        env=env, capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and time.perf_counter() - start < 60
+    assert result.stderr.strip().splitlines()[-1] == (
+        "malmen-hf eval: error: model not found: 'smollm2-360m' is not a local folder, nor a Hub id in the local "
+        "cache, and the Hugging Face Hub cannot be reached to download it; the short names known are smollm2-135m"
+    )
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`--help` of every command builds the parser only: torch and transformers are imported by the commands."""
+    script = (
+        "import sys\nfrom malmen_hf.cli import build_parser\nparser = build_parser()\n"
+        "for command in ('', 'demo', 'train', 'eval', 'card', 'edit', 'push'):\n"
+        "    try:\n        parser.parse_args([command, '--help'] if command else ['--help'])\n"
+        "    except SystemExit:\n        pass\n"
+        "assert not {'torch', 'transformers', 'datasets'} & set(sys.modules), sorted(sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--facts-per-step" in result.stdout and "--update-card" in result.stdout
+
+
+def test_eval_shows_progress_bars_on_stderr(saved, capsys):
+    folder, _, _ = saved
+    main([
+        "eval", "--model", str(folder / "model"), "--editor", str(folder / "editor"),
+        "--data", str(folder / "cf.json"), "--num-facts", "3", "--scores", "ES", "LS", "--json",
+    ])  # fmt: skip
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout holds the JSON only
+    for bar in ("Scoring locality", "Scoring ES", "Scoring LS", "Editing"):
+        assert bar in captured.err
+
+
+def test_card_results_merge_by_dataset_and_n(saved, capsys):
+    folder, _, _ = saved
+    editor = ["--editor", str(folder / "editor")]
+    common = ["eval", "--model", str(folder / "model"), *editor, "--data", str(folder / "cf.json"), "--json"]
+    for n in (3, 1, 3):
+        main([*common, "--num-facts", str(n), "--scores", "ES"])
+        (folder / f"eval-{n}.json").write_text(capsys.readouterr().out)
+    main(["card", *editor, "--results", str(folder / "eval-3.json"), "--dataset", "counterfact-edit"])
+    main(["card", *editor, "--results", str(folder / "eval-1.json")])  # adds N = 1, keeps the dataset
+    main(["card", *editor, "--results", str(folder / "eval-3.json")])  # replaces N = 3
+    card = ModelCard.load(folder / "editor" / "README.md")
+    assert card.data.datasets == ["counterfact-edit"]
+    assert [(r.dataset_name, r.dataset_config) for r in card.data.eval_results] == [
+        ("counterfact-edit", "N=1"), ("counterfact-edit", "N=3"),
+    ]  # fmt: skip
+    assert card.content.count("\n| 3 | ") == 1 and "Measured with `malmen-hf eval --model" in card.content
+    main(["card", *editor, "--results", str(folder / "eval-1.json"), "--dataset", "zsre"])
+    assert "results on counterfact-edit are replaced by results on zsre" in capsys.readouterr().err
+    assert [r.dataset_config for r in ModelCard.load(folder / "editor" / "README.md").data.eval_results] == ["N=1"]
+
+
+def test_demo_training_free_is_the_library_definition(saved, tiny_short_names, capsys):
+    """The demo's training-free editor is `training_free_editor` with its defaults (the quality benchmark's)."""
+    from malmen_hf import training_free_editor
+    from malmen_hf.training import TRAINING_FREE_LOG_LAMBDA, TRAINING_FREE_LR
+
+    folder, _, _ = saved
+    model, tokenizer = tiny_short_names  # a Llama: the shipped CounterFact sample is longer than GPT-2's positions
+    main(["demo", "--editor", "training-free", "--data", str(folder / "cf.json"), "--json"])
+    output = json.loads(capsys.readouterr().out)
+    editor = training_free_editor(model, tokenizer)
+    assert (TRAINING_FREE_LR, TRAINING_FREE_LOG_LAMBDA) == (1e-3, 2)
+    assert (editor.config.lr_init, editor.config.lambda_init) == (TRAINING_FREE_LR, TRAINING_FREE_LOG_LAMBDA)
+    requests = load_edit_requests(folder / "cf.json") + [EditRequest(*fact) for fact in HAND_WRITTEN_FACTS]
+    assert output["after"] == pytest.approx(edit_scores(editor, model, tokenizer, requests, scores=list(DEMO_SCORES)))
+
+
+def test_edit_manifests_name_the_model_and_editor_not_local_folders(tiny_short_names, tmp_path, capsys):
+    main(["edit", "--fact", "The capital of France is", "Berlin", "--save-edits", str(tmp_path / "edits")])
+    manifest = json.loads((tmp_path / "edits" / "edit_manifest.json").read_text())
+    assert (manifest["base_model"], manifest["editor"]) == ("smollm2-135m", "malmen-smollm2-135m-counterfact")
+    assert str(tmp_path) not in json.dumps(manifest)
