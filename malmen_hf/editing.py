@@ -380,10 +380,10 @@ def _apply_shifts(modules: dict[str, nn.Module], shifts: dict[str, torch.Tensor]
         raise
     if unchanged:
         dtype = next(iter(modules.values())).weight.dtype
+        in_float32 = ", or edit the model in float32" if dtype in (torch.float16, torch.bfloat16) else ""
         warnings.warn(
             f"The edit left the weights of {unchanged} unchanged: their shifts are zero (e.g. an infinite lambda) "
-            f"or too small to change a {dtype} weight. Raise the editor's lr or lower its lambda, or edit a model "
-            "in float32.",
+            f"or too small to change a {dtype} weight. Raise the editor's lr or lower its lambda{in_float32}.",
             stacklevel=3,
         )
     return originals

@@ -2,6 +2,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from huggingface_hub import ModelCard
 
@@ -61,6 +62,7 @@ def test_golden_card():
                        results_command="python benchmarks/quality.py")  # fmt: skip
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN.write_text(str(card))
+        pytest.fail(f"UPDATE_GOLDEN is set: {GOLDEN} was rewritten; review its diff, then run without UPDATE_GOLDEN")
     assert str(card) == GOLDEN.read_text()
 
 

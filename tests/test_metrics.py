@@ -104,16 +104,48 @@ def _greedy_one_at_a_time(model, tokenizer, prompt, target):
     return float(generated == tokenizer.decode(answer, skip_special_tokens=True).strip()), generated
 
 
+def answer_always(model, tokenizer, word):
+    """
+    Makes the greedy answer of `model` to any prompt `word` (one token), then EOS for an encoder-decoder: a large bonus
+    on those logits, so that the batched comparison below has exact matches to find in every family.
+    """
+    kind = model_kind(model)
+    answer = [t for t in tokenize_examples(tokenizer, ["x"], [word], kind)[0].labels if t != -100]
+    assert len(answer) == (2 if kind == "seq2seq" else 1), answer
+    decoder_inputs = {}
+    if kind == "seq2seq":
+        model.get_decoder().register_forward_pre_hook(
+            lambda module, args, kwargs: decoder_inputs.update(ids=kwargs["input_ids"]), with_kwargs=True
+        )
+
+    def bonus(module, args, logits):
+        logits = logits.clone()
+        if kind == "seq2seq":  # the word right after the decoder's start token, EOS after anything else
+            first = (decoder_inputs["ids"] == model.config.decoder_start_token_id).to(logits.dtype)
+            logits[..., answer[0]] += 1e4 * first
+            logits[..., answer[1]] += 1e4 * (1 - first)
+        else:
+            logits[..., answer[0]] += 1e4
+        return logits
+
+    model.get_output_embeddings().register_forward_hook(bonus)
+
+
 def test_greedy_exact_match_batched_equals_one_prompt_at_a_time(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     prompts = ["The capital of France is", "Apple", "Toko Yasuda, the famous player of the"]
-    # Targets the model does continue with (its own greedy text), and ones it does not.
+    # Targets the model does continue with (its own greedy text, when it reads back as the same tokens), and not.
     own = [_greedy_one_at_a_time(model, tokenizer, prompt, "x y z")[1] or "x" for prompt in prompts]
     pairs = [(p, t) for p, t in zip(prompts, own, strict=True)] + [(p, "Berlin Wall") for p in prompts]
     expected = [_greedy_one_at_a_time(model, tokenizer, prompt, target)[0] for prompt, target in pairs]
     got = greedy_exact_match(model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs], batch_size=4)
     assert got == expected
-    assert 1.0 in expected or model.config.model_type != "gpt2"  # the GPT-2 tokenizer round-trips its own text
+
+    answer_always(model, tokenizer, "Paris")  # now exact matches exist in every family
+    pairs = [(p, t) for p in prompts for t in ("Paris", "Berlin Wall", "Rome")]
+    expected = [_greedy_one_at_a_time(model, tokenizer, prompt, target)[0] for prompt, target in pairs]
+    got = greedy_exact_match(model, tokenizer, [p for p, _ in pairs], [t for _, t in pairs], batch_size=4)
+    assert got == expected == [1.0, 0.0, 0.0] * len(prompts)
 
 
 def test_scores_of_the_unedited_model_against_independent_computations(gpt2):
