@@ -42,7 +42,16 @@ from torch import nn
 from malmen_hf import MalmenEditorModel
 from malmen_hf.models import load_model_and_tokenizer
 
-from common import MB, PeakMemory, command_line, machine_info, markdown_table, run_floor, sync
+from common import (
+    MB,
+    PeakMemory,
+    command_line,
+    machine_info,
+    markdown_table,
+    run_floor,
+    sync,
+    without_contradictions,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
@@ -68,12 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_facts(path: Path, n: int) -> list[tuple[str, str]]:
+def load_facts(path: Path) -> list[tuple[str, str]]:
     with open(path) as file:
         records = json.load(file)
-    if n > len(records):
-        raise SystemExit(f"{path} has {len(records)} records, fewer than --n {n}")
-    return [(record["prompt"], record["target_new"]) for record in records[:n]]
+    return without_contradictions([(record["prompt"], record["target_new"]) for record in records], lambda fact: fact)
 
 
 def run_edit(editor: MalmenEditorModel, model: nn.Module, facts, tokenizer, args, device: torch.device) -> dict:
@@ -145,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # Warm-up (lazy initialisation, first-call kernel selection) outside the measurements.
-    warmup = load_facts(args.data, min(max(args.n), args.batch_size))
+    all_facts = load_facts(args.data)
+    warmup = all_facts[: min(max(args.n), args.batch_size)]
     run_edit(editor, model, warmup, tokenizer, args, device)
     run_floor(model, warmup, tokenizer, args.batch_size, device)
 
@@ -166,7 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for n in args.n:
-        facts = load_facts(args.data, n)
+        if n > len(all_facts):
+            print(f"N={n}: skipped, {args.data} has only {len(all_facts)} facts without contradictions", flush=True)
+            continue
+        facts = all_facts[:n]
         row = {"n": n, **run_edit(editor, model, facts, tokenizer, args, device)}
         row.update(run_floor(model, facts, tokenizer, args.batch_size, device))
         row["edit_over_floor"] = row["edit_total_s"] / row["floor_s"]
