@@ -140,7 +140,7 @@ def cache_keys_and_value_grads(
 
     names = list(modules)
     grads = torch.autograd.grad(loss, [recorder.outputs[name] for name in names], allow_unused=True)
-    decoder_mask = _position_mask(batch, kind, token_positions)
+    decoder_mask = token_position_mask(batch, kind, token_positions)
     result = {}
     for name, grad in zip(names, grads, strict=True):
         mask = batch["attention_mask"] if name in encoder_modules else decoder_mask
@@ -152,8 +152,11 @@ def cache_keys_and_value_grads(
     return result
 
 
-def _position_mask(batch: dict[str, torch.Tensor], kind: "ModelKind", token_positions: str) -> torch.Tensor:
-    """Which positions of the (decoder) sequence the edited layers are read at, as a boolean `(batch, length)`."""
+def token_position_mask(batch: dict[str, torch.Tensor], kind: "ModelKind", token_positions: str) -> torch.Tensor:
+    """
+    Which positions of a collated batch's (decoder) sequence the edited layers are read at, as a boolean
+    `(batch, length)` mask: see `MalmenConfig.token_positions`.
+    """
     if token_positions == "target":
         return batch["labels"] != IGNORE_INDEX
     if token_positions == "subject_last":
