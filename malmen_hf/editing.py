@@ -88,9 +88,10 @@ class EditHandle:
     def save(self, save_directory: str | os.PathLike) -> None:
         """
         Saves these edits as an artifact: `edit_shifts.safetensors` (each module's weight shift) and
-        `edit_manifest.json` (the facts, the editor, the base model, and the SHA-256 of every weight the edit was
-        made on and of the shifts file). [`load_edits`] applies them to a fresh copy of the base model with a
-        bit-identical result. Save while the edits are applied.
+        `edit_manifest.json` (the facts, the editor, the base model, the SHA-256 of every weight the edit was made on,
+        of the shifts file and of the manifest's own content: an integrity check, not a signature). [`load_edits`]
+        applies them to a fresh copy of the base model with a bit-identical result. Save while the edits are
+        applied. The folder is written aside and swapped into place: a failed save leaves the previous one.
         """
         from .artifacts import save_edits
 

@@ -162,6 +162,15 @@ def test_shifts_of_modules_the_editor_does_not_edit_are_refused(gpt2, tmp_path):
     assert not getattr(fresh, "_malmen_edit_handles", [])
 
 
+def test_loading_onto_a_meta_device_model_is_refused(edited):
+    _, fresh, _, folder = edited
+    with torch.device("meta"):
+        empty = type(fresh)(fresh.config)
+    with pytest.raises(ValueError, match="weights on the meta device"):
+        load_edits(empty, folder)
+    assert not getattr(empty, "_malmen_edit_handles", [])
+
+
 def test_edits_of_another_base_model_are_refused(edited):
     model, fresh, _, folder = edited
     with pytest.raises(ValueError, match="are not the ones these edits were made on"):
