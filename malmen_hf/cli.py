@@ -439,7 +439,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, nargs="?", const=True, default=None, help=help_text)
         else:
             kind = {"float": float, "int": int}.get(type(field.default).__name__, str)
-            if field.name in ("max_steps",):
+            # Optional numbers default to None: their type is read from the annotation.
+            if field.type in ("int | None", int | None):
                 kind = int
             parser.add_argument(flag, type=kind, default=field.default, help=help_text)
 

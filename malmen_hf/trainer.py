@@ -5,13 +5,14 @@ import importlib.util
 import json
 import math
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast, broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from .cards import editor_card
@@ -104,6 +105,7 @@ def train_editor(
     all_reduce = (lambda tensor: accelerator.reduce(tensor, reduction="sum")) if world_size > 1 else None
 
     bar = tqdm(total=max_steps, initial=progress.step, disable=not (args.progress and accelerator.is_main_process))
+    start = time.monotonic()
     while progress.step < max_steps:
         step_facts = _facts_of_step(train_requests, progress.step, steps_per_epoch, args)
         optimizer.zero_grad(set_to_none=True)
@@ -119,7 +121,9 @@ def train_editor(
             "step": progress.step, "loss": losses.total, "loss_gen": losses.generalization,
             "loss_loc": losses.locality, "grad_norm": float(grad_norm),
         }  # fmt: skip
-        if eval_requests and (progress.step % args.eval_every == 0 or progress.step == max_steps):
+        out_of_time = _out_of_time(accelerator, start, args.max_time_s)
+        last = progress.step == max_steps or out_of_time
+        if eval_requests and (progress.step % args.eval_every == 0 or last):
             record.update(_validate(accelerator, editor, model, tokenizer, eval_requests, args, progress, output_dir))
         progress.history.append(record)
         accelerator.log(record, step=progress.step)
@@ -127,8 +131,10 @@ def train_editor(
         bar.set_postfix(
             loss=f"{losses.total:.3f}", **{k: f"{record[k]:.2f}" for k in ("ES", "GS", "LS") if k in record}
         )
-        if progress.step % args.checkpoint_every == 0 or progress.step == max_steps:
+        if progress.step % args.checkpoint_every == 0 or last:
             _save_checkpoint(accelerator, editor, optimizer, progress, output_dir, args.checkpoints_to_keep)
+        if out_of_time:
+            break
     bar.close()
     editor = _finish(accelerator, editor, output_dir, settings, progress, eval_requests is not None)
     accelerator.print(
@@ -136,6 +142,14 @@ def train_editor(
     )
     accelerator.end_training()  # last: it also ends the process group
     return editor
+
+
+def _out_of_time(accelerator: Accelerator, start: float, budget: float | None) -> bool:
+    """Whether this run's wall-clock budget is used up, as decided by the first process (all must stop together)."""
+    if budget is None:
+        return False
+    decision = torch.tensor([float(time.monotonic() - start >= budget)], device=accelerator.device)
+    return bool(broadcast(decision, from_process=0).item()) if accelerator.num_processes > 1 else bool(decision.item())
 
 
 def _facts_of_step(requests, step, steps_per_epoch, args) -> list[EditRequest]:

@@ -22,6 +22,8 @@ class MalmenTrainingArguments:
         max_grad_norm (`float`, defaults to 1.0): Gradient-norm clipping.
         num_epochs (`int`, defaults to 1): Passes over the training facts (ignored when `max_steps` is set).
         max_steps (`int`, *optional*): Number of meta-training steps.
+        max_time_s (`float`, *optional*): A wall-clock budget in seconds for this run (a resumed run counts its own
+            time): training stops after the step that uses it up, and validates, checkpoints and saves as at the end.
         eval_every (`int`, defaults to 50): Validate (ES/GS/LS on held-out facts) every this many steps and at the
             end.
         eval_facts (`int`, defaults to 128): Held-out facts edited at once for validation.
@@ -46,6 +48,7 @@ class MalmenTrainingArguments:
     max_grad_norm: float = 1.0
     num_epochs: int = 1
     max_steps: int | None = None
+    max_time_s: float | None = None
     eval_every: int = 50
     eval_facts: int = 128
     checkpoint_every: int = 50
@@ -64,6 +67,8 @@ class MalmenTrainingArguments:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"`max_steps` must be a positive integer or None, got {self.max_steps!r}")
+        if self.max_time_s is not None and not (math.isfinite(self.max_time_s) and self.max_time_s > 0):
+            raise ValueError(f"`max_time_s` must be a positive number of seconds or None, got {self.max_time_s!r}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(
                 f"`mixed_precision` must be 'no' or 'bf16', got {self.mixed_precision!r} (fp16 would need loss "

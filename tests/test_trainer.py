@@ -171,6 +171,7 @@ def test_a_damaged_checkpoint_is_refused(tmp_path):
         ("facts_per_step", 0, "`facts_per_step` must be a positive integer"),
         ("mixed_precision", "fp16", "must be 'no' or 'bf16'"),
         ("meta_lr", float("nan"), "`meta_lr` must be a non-negative number"),
+        ("max_time_s", 0, "`max_time_s` must be a positive number of seconds"),
     ],
 )
 def test_bad_arguments(tmp_path, option, value, message):
@@ -219,3 +220,13 @@ def train_from_command_line(tmp_path, main, *options):
         "--output-dir", str(tmp_path / "editor"), "--facts-per-step", "4", "--eval-fraction", "0.25",
         "--eval-facts", "5", "--lr-init", "0.1", "--no-progress", *options,
     ])  # fmt: skip
+
+
+def test_a_time_budget_stops_after_a_complete_step_that_resumes(tmp_path):
+    run(tmp_path, max_time_s=1e-9)  # used up by the first step
+    history = json.loads((tmp_path / "training_history.json").read_text())
+    assert [record["step"] for record in history] == [1] and "ES" in history[0]  # validated at the stop
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == ["step_00000001"]
+    editor = run(tmp_path, resume_from_checkpoint=True)
+    assert editor.config.training["steps"] == 4
+    assert [record["step"] for record in json.loads((tmp_path / "training_history.json").read_text())] == [1, 2, 3, 4]
