@@ -442,6 +442,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
             # Optional numbers default to None: their type is read from the annotation.
             if field.type in ("int | None", int | None):
                 kind = int
+            elif field.type in ("float | None", float | None):
+                kind = float
             parser.add_argument(flag, type=kind, default=field.default, help=help_text)
 
 
