@@ -42,6 +42,15 @@ def without_contradictions(facts: list, prompt_and_target: Callable[[Any], tuple
     return kept
 
 
+def sweep_splits(records: list) -> tuple[list, list, list]:
+    """
+    The fixed splits of CounterFact's train.json (without contradictions) for choosing settings: the facts to train
+    on, the trainer's own validation facts (256, to keep its best editor), and the last 1,000, which score the result
+    (`benchmarks/sweep.py`) or bound it (`benchmarks/oracle.py`). `edit.json` is left for the final report.
+    """
+    return records[:-1256], records[-1256:-1000], records[-1000:]
+
+
 def command_line(script: str, argv: list[str] | None = None) -> str:
     """The command that ran `script` with `argv` (default: this process's), as typed from the repository root."""
     return shlex.join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])

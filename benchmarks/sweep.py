@@ -1,0 +1,127 @@
+"""Train an editor with given settings and score it on fixed validation facts of train.json; one JSON for all runs.
+
+The splits of `--data` (CounterFact's train.json, without the records that give an earlier prompt another target)
+never change, so runs compare (`common.sweep_splits`): the last 1,000 records score the result with N = 256 and
+N = 1,000 facts edited at once, the 256 before them are the trainer's own validation (it keeps the best editor by
+it), and the rest train. `edit.json` is never read here: it is for the final report.
+A run is resumable (its folder under `--runs-dir` keeps checkpoints; run the same command again), and its row in
+`--results` is replaced when it is scored again.
+
+    python benchmarks/sweep.py --name s6-11-f256 --layers 6-11 --token-positions subject_last --facts-per-step 256 \\
+        --max-steps 100
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from malmen_hf import MalmenEditorModel, MalmenTrainingArguments, load_edit_requests, train_editor
+from malmen_hf.metrics import edit_scores
+from malmen_hf.models import load_model_and_tokenizer
+
+from common import REPO_ROOT, command_line, machine_info, sweep_splits, without_contradictions
+
+SCORES = ("ES", "GS", "LS", "CF_efficacy", "CF_paraphrase", "CF_neighborhood")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True, help="the run's name: its folder and its row in --results")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--data", default="../shared/data/counterfact/train.json")
+    parser.add_argument("--layers", default="24-29", help="FIRST-LAST: the down_proj of those blocks are edited")
+    parser.add_argument("--token-positions", default="target", choices=["target", "all", "subject_last"])
+    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--lr-init", type=float, default=1e-4)
+    parser.add_argument("--lambda-init", type=float, default=0.0)
+    parser.add_argument("--meta-lr", type=float, default=2e-4)
+    parser.add_argument("--c-loc", type=float, default=1.0)
+    parser.add_argument("--facts-per-step", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument("--max-time-s", type=float, default=None, help="wall-clock budget of this run's training")
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--eval-facts", type=int, default=256)
+    parser.add_argument("--n", type=int, nargs="+", default=[256, 1000], help="facts edited at once when scoring")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-training", action="store_true", help="only score the run's saved editor")
+    parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "runs/sweep")
+    parser.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks/results/sweep.json")
+    return parser.parse_args(argv)
+
+
+def build_editor(model, args: argparse.Namespace) -> MalmenEditorModel:
+    first, last = (int(part) for part in args.layers.split("-"))
+    modules = [f"model.layers.{i}.mlp.down_proj" for i in range(first, last + 1)]
+    return MalmenEditorModel.for_model(
+        model, edit_modules=modules, rank=args.rank, lr_init=args.lr_init, lambda_init=args.lambda_init,
+        token_positions=args.token_positions,
+    )  # fmt: skip
+
+
+def train(model, tokenizer, train_facts, validation, args: argparse.Namespace) -> tuple[MalmenEditorModel, float]:
+    output_dir = args.runs_dir / args.name
+    resume = (output_dir / "checkpoints").is_dir() and any((output_dir / "checkpoints").iterdir())
+    training_args = MalmenTrainingArguments(
+        output_dir=str(output_dir), facts_per_step=args.facts_per_step, batch_size=args.batch_size,
+        meta_lr=args.meta_lr, c_loc=args.c_loc, max_steps=args.max_steps, max_time_s=args.max_time_s,
+        eval_every=args.eval_every, eval_facts=args.eval_facts, checkpoint_every=args.eval_every,
+        resume_from_checkpoint=True if resume else None, mixed_precision=args.mixed_precision, log_with=None,
+    )  # fmt: skip
+    start = time.perf_counter()
+    editor = train_editor(
+        build_editor(model, args), model, tokenizer, train_facts, training_args,
+        eval_requests=validation[: args.eval_facts],
+    )  # fmt: skip
+    return editor, time.perf_counter() - start
+
+
+def score(editor, model, tokenizer, scored, sizes: list[int], batch_size: int) -> dict[str, dict[str, float]]:
+    return {str(n): edit_scores(editor, model, tokenizer, scored[:n], batch_size, SCORES) for n in sizes}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    model.to(device)
+    records = without_contradictions(load_edit_requests(args.data), lambda request: (request.prompt, request.target))
+    train_facts, validation, scored = sweep_splits(records)
+    seconds = 0.0
+    if args.skip_training:
+        editor = MalmenEditorModel.from_pretrained(args.runs_dir / args.name).to(device)
+    else:
+        editor, seconds = train(model, tokenizer, train_facts, validation, args)
+    editor.eval()
+    row = {
+        "name": args.name,
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "steps": editor.config.training["steps"] if editor.config.training else None,
+        "train_seconds_this_run": round(seconds, 1),
+        "trainer_validation": (editor.config.training or {}).get("last_validation"),
+        "scores": score(editor, model, tokenizer, scored, args.n, args.batch_size),
+        "command": command_line(__file__),
+        "machine": machine_info(device),
+    }
+    print(json.dumps({k: row[k] for k in ("name", "steps", "scores")}, indent=1))
+    write(args.results, row)
+
+
+def write(path: Path, row: dict) -> None:
+    """Replaces the row of the same name in the results file (others are kept), atomically."""
+    runs = json.loads(path.read_text())["runs"] if path.is_file() else []
+    runs = [run for run in runs if run["name"] != row["name"]] + [row]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    temporary.replace(path)
+
+
+if __name__ == "__main__":
+    main()
