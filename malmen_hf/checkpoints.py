@@ -25,6 +25,8 @@ FORMAT = "malmen-hf-checkpoint"
 FORMAT_VERSION = 1
 _FOLDER = re.compile(r"step_\d{8}")
 _TENSOR_FILES = ("editor.safetensors", "optimizer.safetensors", "rng.safetensors")
+# What the checkpoint itself records in trainer_state.json; the rest is the trainer's state, returned as it was given.
+_OWN_KEYS = ("format", "format_version", "optimizer", "files")
 
 
 def checkpoint_folder(checkpoints_dir: Path, step: int) -> Path:
@@ -90,7 +92,7 @@ def load_checkpoint(folder: Path, editor: nn.Module, optimizer: torch.optim.Opti
         raise ValueError(f"{folder} holds an optimizer state that does not fit this editor ({error})") from None
     editor.load_state_dict(saved)
     _set_rng_states(tensors["rng.safetensors"])
-    return {key: state[key] for key in ("step", "best_score", "history")}
+    return {key: value for key, value in state.items() if key not in _OWN_KEYS}
 
 
 def _read_state(folder: Path) -> dict[str, Any]:
