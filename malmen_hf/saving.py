@@ -28,7 +28,7 @@ def atomic_directory(path: str | os.PathLike, stale: Callable[[str], bool] = lam
         stale (`Callable[[str], bool]`, *optional*): Names of entries of the old folder to leave out (files an older
             save wrote that this one replaces under another name, e.g. weight shards).
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # a link to a folder stays a link: its target is replaced
     path.parent.mkdir(parents=True, exist_ok=True)
     for leftover in path.parent.glob(f".{path.name}.*.tmp"):
         shutil.rmtree(leftover, ignore_errors=True)

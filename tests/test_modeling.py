@@ -96,6 +96,14 @@ def test_saving_over_an_editor_replaces_it_whole_and_keeps_other_files(tmp_path)
     assert [path.name for path in tmp_path.parent.iterdir() if path.name.startswith(f".{tmp_path.name}")] == []
 
 
+def test_saving_through_a_link_replaces_its_target(tmp_path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    trained_looking_editor(aggregation="sum").save_pretrained(tmp_path / "link")
+    assert (tmp_path / "link").is_symlink()
+    assert MalmenEditorModel.from_pretrained(tmp_path / "target").config.aggregation == "sum"
+
+
 def test_a_failed_save_leaves_the_previous_editor(tmp_path, monkeypatch):
     trained_looking_editor().save_pretrained(tmp_path)
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
