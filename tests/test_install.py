@@ -81,7 +81,8 @@ nbformat.write(notebook, "executed.ipynb")
     outputs = [output for cell in executed.cells for output in cell.get("outputs", [])]
     assert not [output for output in outputs if output.output_type == "error"]
     text = "".join(output.get("text", "") for output in outputs)
-    assert "malmen_hf from " + str(venv) in text and "Reverted: the weights are back, bit for bit." in text
+    assert f"from {venv}" in text and "editor: malmen-smollm2-135m-counterfact for smollm2-135m" in text
+    assert "Reverted: the weights are back, bit for bit." in text
 
 
 def _run(*command, **kwargs) -> str:
