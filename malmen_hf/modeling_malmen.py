@@ -239,7 +239,7 @@ class MalmenEditorModel(MalmenPreTrainedModel):
         if not kwargs.get("is_main_process", True):
             super().save_pretrained(save_directory, *args, **kwargs)  # writes nothing on other processes
             return
-        with atomic_directory(save_directory, stale=_WEIGHT_FILE.fullmatch) as folder:
+        with atomic_directory(save_directory, stale=lambda name: _WEIGHT_FILE.fullmatch(name) is not None) as folder:
             super().save_pretrained(folder, *args, **kwargs)
             if not (Path(save_directory) / "README.md").exists():
                 card = _editor_card(self, editor_id=str(save_directory))
