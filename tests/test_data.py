@@ -172,7 +172,9 @@ EXPECTED = {
     ],
 }
 # The paper's zsRE files have no original answers.
-EXPECTED["zsre_paper"] = [dataclasses.replace(request, ground_truth=None, subject=None) for request in EXPECTED["zsre"]]
+EXPECTED["zsre_paper"] = [
+    dataclasses.replace(request, ground_truth=None, subject=None) for request in EXPECTED["zsre"]
+]
 RECORDS = {"counterfact": COUNTERFACT, "zsre": ZSRE, "zsre_paper": ZSRE_PAPER, "fever": FEVER, "generic": GENERIC}
 # The keys that hold the target and the rephrases in each format.
 TARGET_KEY = {"counterfact": "target_new", "zsre": "alt", "zsre_paper": "ans", "fever": "alt", "generic": "target"}
