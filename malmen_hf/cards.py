@@ -108,7 +108,7 @@ def _eval_results(results, score_names, dataset) -> list[EvalResult]:
             dataset_config=f"N={row['n']}",  # one model-index entry per number of facts edited at once
             metric_type=name,
             metric_name=f"{name} (N={row['n']})",
-            metric_value=round(float(row[name]), 4),
+            metric_value=round(float(row[name]), 6),  # enough to render the 3 decimals of the table again
         )
         for row in results
         for name in score_names
