@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from malmen_hf import MalmenEditorModel
+from malmen_hf import EditRequest, MalmenEditorModel
 from malmen_hf.models import load_model_and_tokenizer
 from tests.conftest import assert_bit_identical, snapshot
 
@@ -51,7 +51,8 @@ def test_the_shipped_editor_edits_and_reverts_smollm2(smollm2):
     before = snapshot(model)
     editor = MalmenEditorModel.from_pretrained("malmen-smollm2-135m-counterfact")
     assert editor.config.base_model_name_or_path == "smollm2-135m"
-    scores = edit_scores(editor, model, tokenizer, HAND_WRITTEN_FACTS, scores=["ES", "ES_greedy"])
+    facts = [EditRequest(prompt, target) for prompt, target in HAND_WRITTEN_FACTS]
+    scores = edit_scores(editor, model, tokenizer, facts, scores=["ES", "ES_greedy"])
     # Facts the editor never saw, edited at once. Measured: ES 0.92 (11 of 12 target tokens), and the greedy answer is
     # the new target for 2 of the 3 (the unedited model: 0 and 0).
     assert scores["ES"] >= 0.9 and scores["ES_greedy"] >= 2 / 3
