@@ -5,6 +5,7 @@ and used from another folder, where the checkout's `editors/` and `../shared/dat
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -25,8 +26,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def venv(tmp_path_factory) -> Path:
     """A fresh virtual environment with only the built wheel installed (its dependencies come from this one)."""
     root = tmp_path_factory.mktemp("install")
+    # Built from a copy of the checkout's files (tracked, or new and not ignored): an in-tree build would leave build/
+    # behind, whose stale copies of deleted files a later wheel would ship.
+    for name in _run("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=REPO_ROOT).split("\0"):
+        if name and (REPO_ROOT / name).is_file():
+            (root / "source" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, root / "source" / name)
     _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--quiet",
-         "-w", root / "dist", REPO_ROOT)  # fmt: skip
+         "-w", root / "dist", root / "source")  # fmt: skip
     (wheel,) = (root / "dist").glob("malmen_hf-*.whl")
     _run(sys.executable, "-m", "venv", "--without-pip", root / "venv")
     python = root / "venv" / "bin" / "python"
