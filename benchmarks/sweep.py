@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lambda-init", type=float, default=0.0)
     parser.add_argument("--meta-lr", type=float, default=2e-4)
     parser.add_argument("--c-loc", type=float, default=1.0)
+    parser.add_argument("--generalization-on-edit-prompt", action="store_true", help="L_gen on the edit prompt too")
     parser.add_argument("--facts-per-step", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-steps", type=int, default=100)
@@ -68,7 +69,8 @@ def train(model, tokenizer, train_facts, validation, args: argparse.Namespace) -
     resume = (output_dir / "checkpoints").is_dir() and any((output_dir / "checkpoints").iterdir())
     training_args = MalmenTrainingArguments(
         output_dir=str(output_dir), facts_per_step=args.facts_per_step, batch_size=args.batch_size,
-        meta_lr=args.meta_lr, c_loc=args.c_loc, max_steps=args.max_steps, max_time_s=args.max_time_s,
+        meta_lr=args.meta_lr, c_loc=args.c_loc, generalization_on_edit_prompt=args.generalization_on_edit_prompt,
+        max_steps=args.max_steps, max_time_s=args.max_time_s,
         eval_every=args.eval_every, eval_facts=args.eval_facts, checkpoint_every=args.eval_every,
         resume_from_checkpoint=True if resume else None, mixed_precision=args.mixed_precision, log_with=None,
     )  # fmt: skip

@@ -113,6 +113,7 @@ def train_editor(
             losses = meta_gradient(
                 editor, model, step_facts[rank::world_size], tokenizer, batch_size=args.batch_size,
                 editor_batch_size=args.editor_batch_size, c_loc=args.c_loc, all_reduce=all_reduce,
+                generalization_on_edit_prompt=args.generalization_on_edit_prompt,
             )  # fmt: skip
         grad_norm = torch.nn.utils.clip_grad_norm_(editor.parameters(), args.max_grad_norm)
         optimizer.step()

@@ -56,6 +56,7 @@ def meta_gradient(
     batch_size: int = 32,
     editor_batch_size: int = 1024,
     c_loc: float = 1.0,
+    generalization_on_edit_prompt: bool = False,
     update_normalizer: bool = True,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> MetaLosses:
@@ -72,6 +73,9 @@ def meta_gradient(
     re-run the hyper-network chunk by chunk with gradients.
 
     Args:
+        generalization_on_edit_prompt (`bool`, defaults to `False`):
+            Score `L_gen` on the edit prompt too, as one more rephrasing of each fact (CounterFact's rephrasings
+            start with an unrelated sentence, so they alone may teach the editor little about the prompt itself).
         update_normalizer (`bool`, defaults to `True`):
             Merge this step's keys and value gradients into the hyper-networks' running statistics first.
         all_reduce (`Callable`, *optional*):
@@ -98,7 +102,7 @@ def meta_gradient(
             totals.update({name: reduce(total) for name, total in totals.items()})
     shifts = sums.solve()
 
-    gen_examples, gen_rows = _generalization_examples(requests, tokenizer, kind)
+    gen_examples, gen_rows = _generalization_examples(requests, tokenizer, kind, generalization_on_edit_prompt)
     loc_requests = [request for request in requests if request.locality_prompt is not None]
     loc_examples = tokenize_examples(
         tokenizer,
@@ -225,11 +229,13 @@ def _cache_all(editor, model, modules, requests, tokenizer, batch_size, pad_id):
     )
 
 
-def _generalization_examples(requests, tokenizer, kind):
-    """(rephrasing, target) examples, and the request each belongs to (its edit prompt when it has no rephrasing)."""
+def _generalization_examples(requests, tokenizer, kind, with_edit_prompt):
+    """(prompt, target) examples of `L_gen` and the request each belongs to: the rephrasings, plus the edit prompt if
+    `with_edit_prompt` or if a request has no rephrasing."""
     prompts, targets, rows = [], [], []
     for row, request in enumerate(requests):
-        for prompt in request.rephrases or (request.prompt,):
+        prompts_of_fact = (*request.rephrases, request.prompt) if with_edit_prompt else request.rephrases
+        for prompt in prompts_of_fact or (request.prompt,):
             prompts.append(prompt)
             targets.append(request.target)
             rows.append(row)

@@ -19,6 +19,8 @@ class MalmenTrainingArguments:
         editor_batch_size (`int`, defaults to 1024): Token positions per pass of the hyper-network.
         meta_lr (`float`, defaults to 1e-5): Adam learning rate of the editor.
         c_loc (`float`, defaults to 1.0): Weight of the locality loss.
+        generalization_on_edit_prompt (`bool`, defaults to `False`): Score the generalization loss on each edit
+            prompt too, besides its rephrasings.
         max_grad_norm (`float`, defaults to 1.0): Gradient-norm clipping.
         num_epochs (`int`, defaults to 1): Passes over the training facts (ignored when `max_steps` is set).
         max_steps (`int`, *optional*): Number of meta-training steps.
@@ -45,6 +47,7 @@ class MalmenTrainingArguments:
     editor_batch_size: int = 1024
     meta_lr: float = 1e-5
     c_loc: float = 1.0
+    generalization_on_edit_prompt: bool = False
     max_grad_norm: float = 1.0
     num_epochs: int = 1
     max_steps: int | None = None

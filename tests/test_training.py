@@ -44,7 +44,7 @@ def grad_or_zero(param):
     return torch.zeros_like(param) if param.grad is None else param.grad.clone()
 
 
-def reference_meta_gradient(editor, model, tokenizer, requests):
+def reference_meta_gradient(editor, model, tokenizer, requests, with_edit_prompt=False):
     """End-to-end autograd: the hyper-network, a direct torch.linalg.solve, and the losses in one graph."""
     modules = {name: model.get_submodule(name) for name in editor.config.edit_modules}
     examples = tokenize_examples(tokenizer, [r.prompt for r in requests], [r.target for r in requests], "causal")
@@ -66,7 +66,7 @@ def reference_meta_gradient(editor, model, tokenizer, requests):
 
     gen_losses = []
     for request in requests:
-        prompts = request.rephrases or (request.prompt,)
+        prompts = (*request.rephrases, request.prompt) if with_edit_prompt else request.rephrases or (request.prompt,)
         losses = [teacher_forced_loss(model, params, tokenizer, p, request.target)[0] for p in prompts]
         gen_losses.append(torch.stack(losses).mean())
     loc_losses = []
@@ -112,6 +112,24 @@ def test_decoupled_meta_gradient_equals_end_to_end_autograd(gpt2, aggregation, b
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, weights_before[name]), name
     assert all(param.grad is None for param in model.parameters())
+
+
+def test_meta_gradient_with_the_edit_prompt_in_the_generalization_loss(gpt2):
+    model, tokenizer = gpt2
+    model.double()
+    editor = random_editor(model, "least_squares")
+    _, loss_on_rephrasings = reference_meta_gradient(editor, model, tokenizer, REQUESTS)
+    expected, expected_loss = reference_meta_gradient(editor, model, tokenizer, REQUESTS, with_edit_prompt=True)
+    losses = meta_gradient(
+        editor, model, REQUESTS, tokenizer, batch_size=2, c_loc=C_LOC, update_normalizer=False,
+        generalization_on_edit_prompt=True,
+    )  # fmt: skip
+    # The edit prompts' own keys make the edited model's loss there sensitive to how the normal equation is solved
+    # (Cholesky here, LU in the reference): agreement to 1e-7 rather than 1e-9.
+    assert losses.total == pytest.approx(expected_loss, rel=1e-7)
+    assert losses.total != pytest.approx(loss_on_rephrasings, rel=1e-3)
+    for name, param in editor.named_parameters():
+        torch.testing.assert_close(grad_or_zero(param), expected[name], rtol=1e-5, atol=1e-10, msg=name)
 
 
 def test_normalizer_updates_only_when_asked(gpt2):
