@@ -48,9 +48,9 @@ def demo(args: argparse.Namespace) -> None:
     from .models import load_model_and_tokenizer
 
     torch.manual_seed(0)
-    requests = load_edit_requests(data, "counterfact", limit=args.num_facts) if data is not None else []
-    requests += [EditRequest(prompt, target) for prompt, target in HAND_WRITTEN_FACTS]
-    shown = requests[-len(HAND_WRITTEN_FACTS) :] + requests[: args.show]
+    counterfact = load_edit_requests(data, "counterfact", limit=args.num_facts) if data is not None else []
+    hand_written = [EditRequest(prompt, target) for prompt, target in HAND_WRITTEN_FACTS]
+    requests, shown = counterfact + hand_written, hand_written + counterfact[: args.show]
     _status(f"Loading {args.model} ...")
     model, tokenizer = load_model_and_tokenizer(args.model)
     editor = _demo_editor(args, model, tokenizer)

@@ -318,3 +318,17 @@ def test_edit_manifests_name_the_model_and_editor_not_local_folders(tiny_short_n
     manifest = json.loads((tmp_path / "edits" / "edit_manifest.json").read_text())
     assert (manifest["base_model"], manifest["editor"]) == ("smollm2-135m", "malmen-smollm2-135m-counterfact")
     assert str(tmp_path) not in json.dumps(manifest)
+
+
+def test_demo_away_from_the_checkout_edits_the_hand_written_facts_with_the_released_editor(
+    tiny_short_names, tmp_path, monkeypatch, capsys
+):
+    """As after `pip install`: no ../shared/data beside the package, the editor found by its short name."""
+    monkeypatch.setattr("malmen_hf.cli.DEFAULT_DATA", tmp_path / "absent" / "edit.json")
+    main(["demo", "--json"])
+    captured = capsys.readouterr()
+    output = json.loads(captured.out)
+    assert "edit.json not found: editing the hand-written facts only" in captured.err
+    assert "Editor: malmen-smollm2-135m-counterfact" in captured.err
+    assert [row["target"] for row in output["answers"]] == [target for _, target in HAND_WRITTEN_FACTS]
+    assert output["num_facts"] == len(HAND_WRITTEN_FACTS) and output["reverted"]
