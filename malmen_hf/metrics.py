@@ -1,6 +1,6 @@
 """How well edits took: ES / GS / LS as the paper reports them, and greedy answers (what a user sees)."""
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -362,7 +362,7 @@ def greedy_exact_match(
     return matches
 
 
-def _batches(examples, batch_size: int, desc: str | None) -> list[list[int]]:
+def _batches(examples, batch_size: int, desc: str | None) -> Iterable[list[int]]:
     """`batches_by_length`, counted by a progress bar on stderr when `desc` names one."""
     batches = batches_by_length(examples, batch_size)
     return tqdm(batches, desc=desc, unit="batch", leave=False) if desc is not None else batches
