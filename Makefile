@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 BIN = $(VENV)/bin
 
-.PHONY: install test test-fast demo lint bench bench-quality
+.PHONY: install test test-fast demo lint bench bench-quality device-check
 
 $(BIN)/malmen-hf: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ demo: install
 
 bench: install
 	$(BIN)/python benchmarks/edit_speed.py
+
+# The checks a lent GPU machine runs in one call (benchmarks/gpu/README.md, "Device check"): there, python3 has torch
+# and the carried wheels add the rest; here, .venv's python with DEVICE_CHECK_ARGS for the CPU path (see that README).
+DEVICE_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+device-check:
+	$(DEVICE_CHECK_PYTHON) benchmarks/device_check.py run $(DEVICE_CHECK_ARGS)
 
 # Edit quality against the baselines. The MEND baseline is trained first when missing (about 25 minutes on 2 CPU
 # cores): the shipped editor's settings (its config.json; the default layers, the last 6 down_proj), with MEND's

@@ -1,4 +1,7 @@
-"""Measuring tools shared by the benchmarks: peak memory, the plain forward+backward FLOOR, machine info, tables."""
+"""
+Measuring tools shared by the benchmarks: peak memory, the floors (a plain forward+backward, a plain no-grad forward),
+machine info, tables.
+"""
 
 import contextlib
 import ctypes
@@ -134,14 +137,8 @@ def run_floor(model: nn.Module, facts, tokenizer, batch_size: int, device: torch
     try:
         with PeakMemory(device) as memory:
             start = time.perf_counter()
-            examples = tokenize_examples(tokenizer, [p for p, _ in facts], [t for _, t in facts], "causal")
-            batches = batches_by_length(examples, batch_size)
-            pad_id = pad_id_of(tokenizer)
-            input_tokens = padded_tokens = 0
-            for indices in batches:
-                batch = collate([examples[i] for i in indices], pad_id, "causal")
-                input_tokens += int(batch["attention_mask"].sum())
-                padded_tokens += batch["input_ids"].numel()
+            batches = CollatedBatches(facts, tokenizer, batch_size)
+            for batch in batches:
                 model.zero_grad(set_to_none=True)
                 logits = model(
                     input_ids=batch["input_ids"].to(device),
@@ -163,10 +160,48 @@ def run_floor(model: nn.Module, facts, tokenizer, batch_size: int, device: torch
         "floor_s": wall,
         "floor_peak_mb": memory.growth_mb,
         "floor_peak_abs_mb": memory.peak / MB,
-        "input_tokens": input_tokens,
-        "padded_tokens": padded_tokens,
-        "batches": len(batches),
+        **batches.counts,
     }
+
+
+@torch.no_grad()
+def run_forward(model: nn.Module, facts, tokenizer, batch_size: int, device: torch.device) -> dict:
+    """
+    One plain no-grad forward over the facts, batched as `apply_edits` batches them: what a user's
+    `model(input_ids, attention_mask)` costs on the same tokens (full logits, as transformers computes by default).
+    """
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        batches = CollatedBatches(facts, tokenizer, batch_size)
+        for batch in batches:
+            model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                use_cache=False,
+            )
+        sync(device)
+        wall = time.perf_counter() - start
+    return {"forward_s": wall, "forward_peak_mb": memory.growth_mb, "forward_peak_abs_mb": memory.peak / MB}
+
+
+class CollatedBatches:
+    """
+    The facts tokenized, sorted and padded as `apply_edits` does (`tokenize_examples`, `batches_by_length`,
+    `collate`), as an iterable of collated batches that counts the real and padded tokens it yields.
+    """
+
+    def __init__(self, facts, tokenizer, batch_size: int):
+        self.examples = tokenize_examples(tokenizer, [p for p, _ in facts], [t for _, t in facts], "causal")
+        self.batches = batches_by_length(self.examples, batch_size)
+        self.pad_id = pad_id_of(tokenizer)
+        self.counts = {"input_tokens": 0, "padded_tokens": 0, "batches": len(self.batches)}
+
+    def __iter__(self):
+        for indices in self.batches:
+            batch = collate([self.examples[i] for i in indices], self.pad_id, "causal")
+            self.counts["input_tokens"] += int(batch["attention_mask"].sum())
+            self.counts["padded_tokens"] += batch["input_ids"].numel()
+            yield batch
 
 
 def machine_info(device: torch.device) -> dict:

@@ -1,5 +1,6 @@
 """
-Speed and memory of `apply_edits`, against the FLOOR of one plain forward+backward over the same facts.
+Speed and memory of `apply_edits`, against two floors: one plain forward+backward, and one plain forward, over the
+same facts.
 
 For N = 1, 10, 100, 1000 and 10000 CounterFact facts (`prompt -> target_new` from
 `../shared/data/counterfact/edit.json`), this measures, on SmolLM2-135M with an untrained MALMEN editor (the last 6
@@ -9,12 +10,15 @@ For N = 1, 10, 100, 1000 and 10000 CounterFact facts (`prompt -> target_new` fro
   backward), hyper-network, and solve+apply as `EditHandle.timings` reports them, and its peak memory;
 - FLOOR: the same facts, tokenized and batched exactly as `apply_edits` does (`tokenize_examples`, `batches_by_length`,
   `collate`), run through one ordinary fine-tuning step per batch: full logits, cross-entropy on the target tokens,
-  `loss.backward()` with every parameter requiring a gradient, gradients zeroed between batches; and its peak memory.
+  `loss.backward()` with every parameter requiring a gradient, gradients zeroed between batches; and its peak memory;
+- FORWARD: the same batches through one plain no-grad forward (`model(input_ids, attention_mask)`, full logits), and
+  its peak memory.
 
-EDIT/FLOOR near 1 means editing costs about one fine-tuning pass over the facts. Both times start from the raw facts
-(tokenization included). Peak memory is the growth over the memory in use when the phase starts: on CUDA from
-`torch.cuda.max_memory_allocated`, on CPU from the process's resident set size sampled every 2 ms by a background
-thread (after `gc.collect()` and `malloc_trim`, so memory freed by an earlier phase is not counted as free).
+EDIT/FLOOR near 1 means editing costs about one fine-tuning pass over the facts; EDIT/FORWARD near 1, about one
+forward. All times start from the raw facts (tokenization included). Peak memory is the growth over the memory in
+use when the phase starts: on CUDA from `torch.cuda.max_memory_allocated`, on CPU from the process's resident set size
+sampled every 2 ms by a background thread (after `gc.collect()` and `malloc_trim`, so memory freed by an earlier phase
+is not counted as free).
 The edits of each N are reverted before the next N.
 
 Run from the repository root (the model is converted once from PyPI, see `malmen_hf.models`):
@@ -22,6 +26,9 @@ Run from the repository root (the model is converted once from PyPI, see `malmen
     python benchmarks/edit_speed.py                        # the full list of N on the default device
     python benchmarks/edit_speed.py --n 1 10 100 --threads 2
     python benchmarks/edit_speed.py --model path/to/local/causal-lm --output /tmp/edit_speed.json
+    # random weights in a model's shape (a folder with its config.json), with the tokenizer's vocabulary:
+    python benchmarks/edit_speed.py --model gptj-config-folder --random-weights --tokenizer tokenizer-folder \
+        --dtype bfloat16 --n 1024 4096 --floors forward
 
 Run it on an otherwise idle machine: torch's OpenMP threads spin-wait for each other, so when another process holds
 a core, every forward becomes several times slower (on 2 cores with another job running, 2 threads were 5 to 20 times
@@ -38,6 +45,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from malmen_hf import MalmenEditorModel
 from malmen_hf.models import load_model_and_tokenizer
@@ -49,6 +57,7 @@ from common import (
     machine_info,
     markdown_table,
     run_floor,
+    run_forward,
     sync,
     without_contradictions,
 )
@@ -71,7 +80,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the JSON results")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--floors", nargs="+", choices=["train", "forward"], default=["train", "forward"], help="the floors to measure"
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build --model (a folder with a config.json) with random weights and the vocabulary of --tokenizer",
+    )
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model's)")
+    parser.add_argument("--dtype", default=None, help="the model's dtype, e.g. bfloat16 (default: as loaded)")
     args = parser.parse_args(argv)
+    if args.random_weights and args.tokenizer is None:
+        parser.error("--random-weights needs --tokenizer")
     if any(n < 1 for n in args.n) or args.batch_size < 1 or args.editor_batch_size < 1:
         parser.error("--n, --batch-size and --editor-batch-size must be positive")
     return args
@@ -125,9 +146,33 @@ COLUMNS = [
     ("edit total s", "edit_total_s", "{:.2f}"),
     ("floor s", "floor_s", "{:.2f}"),
     ("edit/floor", "edit_over_floor", "{:.2f}"),
+    ("forward s", "forward_s", "{:.2f}"),
+    ("edit/forward", "edit_over_forward", "{:.2f}"),
     ("edit peak MB", "edit_peak_mb", "{:.0f}"),
     ("floor peak MB", "floor_peak_mb", "{:.0f}"),
+    ("forward peak MB", "forward_peak_mb", "{:.0f}"),
 ]
+FLOORS = {
+    "train": (run_floor, "floor_s", "edit_over_floor"),
+    "forward": (run_forward, "forward_s", "edit_over_forward"),
+}
+
+
+def load_model(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The model on `device` in eval mode: loaded, or built with random weights from a config (`--random-weights`)."""
+    if not args.random_weights:
+        model, tokenizer = load_model_and_tokenizer(args.model)
+        if args.tokenizer is not None:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        return model.to(device, getattr(torch, args.dtype) if args.dtype else None).eval(), tokenizer
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    config = AutoConfig.from_pretrained(args.model)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    # Built on the device itself: initializing a 6B model's random weights on the CPU would take minutes.
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype or "float32"))
+    return model.eval(), tokenizer
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -139,8 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"No data at {args.data}: pass --data path/to/counterfact/edit.json")
 
     start = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    model.to(device).eval()
+    model, tokenizer = load_model(args, device)
     load_s = time.perf_counter() - start
     editor = MalmenEditorModel.for_model(model, rank=args.rank).to(device).eval()
     rank = min(args.rank, sum(editor.config.edit_module_shapes[0]))  # the editor caps it at d_in + d_out
@@ -155,13 +199,17 @@ def main(argv: list[str] | None = None) -> dict:
     all_facts = load_facts(args.data)
     warmup = all_facts[: min(max(args.n), args.batch_size)]
     run_edit(editor, model, warmup, tokenizer, args, device)
-    run_floor(model, warmup, tokenizer, args.batch_size, device)
+    for floor in args.floors:
+        FLOORS[floor][0](model, warmup, tokenizer, args.batch_size, device)
 
     report = {
         "command": command_line(__file__, argv),
         "machine": machine_info(device),
         "settings": {
             "model": args.model,
+            "random_weights": args.random_weights,
+            "dtype": str(next(model.parameters()).dtype),
+            "weights_mb": sum(param.numel() * param.element_size() for param in model.parameters()) / MB,
             "data": str(args.data),
             "batch_size": args.batch_size,
             "editor_batch_size": args.editor_batch_size,
@@ -179,19 +227,24 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         facts = all_facts[:n]
         row = {"n": n, **run_edit(editor, model, facts, tokenizer, args, device)}
-        row.update(run_floor(model, facts, tokenizer, args.batch_size, device))
-        row["edit_over_floor"] = row["edit_total_s"] / row["floor_s"]
+        floors = []
+        for floor in args.floors:
+            run, seconds, ratio = FLOORS[floor]
+            row.update(run(model, facts, tokenizer, args.batch_size, device))
+            row[ratio] = row["edit_total_s"] / row[seconds]
+            floors.append(f"{floor} {row[seconds]:.2f} s (edit/{floor} {row[ratio]:.2f})")
         report["results"].append(row)
         print(
             f"N={n}: edit {row['edit_total_s']:.2f} s (caching {row['caching_s']:.2f}, hypernet "
             f"{row['hypernetwork_s']:.2f}, solve+apply {row['solve_and_apply_s']:.2f}, "
-            f"other {row['edit_other_s']:.2f}), floor {row['floor_s']:.2f} s, ratio {row['edit_over_floor']:.2f}",
+            f"other {row['edit_other_s']:.2f}), {', '.join(floors)}, peak {row['edit_peak_mb']:.0f} MB",
             flush=True,
         )
         args.output.write_text(json.dumps(report, indent=2) + "\n")
 
     print()
-    print(markdown_table(report["results"], COLUMNS))
+    measured = report["results"][0].keys() if report["results"] else ()
+    print(markdown_table(report["results"], [column for column in COLUMNS if column[1] in measured]))
     print(f"\nwrote {args.output}")
     return report
 

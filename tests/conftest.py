@@ -15,6 +15,16 @@ FAMILIES = {
     "t5": (tiny.t5_model, tiny.t5_tokenizer),
 }
 
+# The devices the device-dependent tests run on: the CPU always, CUDA where there is one (`-m cuda` selects those
+# runs: `benchmarks/device_check.py` runs them on a lent GPU machine).
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")],
+    ),
+]
+
 FACTS = [
     ("The Eiffel Tower is located in", "Rome"),
     ("The capital of France is", "Berlin"),
@@ -41,6 +51,12 @@ def model_and_tokenizer(request, _built):
     """A fresh copy of a tiny model of each family, with its tokenizer."""
     model, tokenizer = _built[request.param]
     return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    """Each device a device-dependent test runs on (see `DEVICES`)."""
+    return torch.device(request.param)
 
 
 @pytest.fixture

@@ -44,17 +44,20 @@ def assert_close_at_scale(actual, expected, tolerance=1e-4):
 
 
 def hf_example(model, tokenizer, prompt, target):
-    """One fact as transformers' own loss expects it (unshifted labels), written independently of malmen_hf."""
+    """
+    One fact as transformers' own loss expects it (unshifted labels), written independently of malmen_hf, on the
+    model's device.
+    """
     if model.config.is_encoder_decoder:
-        return {
-            "input_ids": torch.tensor([tokenizer(prompt)["input_ids"]]),
-            "labels": torch.tensor([tokenizer(text_target=target)["input_ids"]]),
-        }
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    full_ids = tokenizer(f"{prompt} {target}")["input_ids"]
+        ids = tokenizer(prompt)["input_ids"]
+        labels = tokenizer(text_target=target)["input_ids"]
+    else:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(f"{prompt} {target}")["input_ids"]
+        labels = [-100] * len(prompt_ids) + ids[len(prompt_ids) :]
     return {
-        "input_ids": torch.tensor([full_ids]),
-        "labels": torch.tensor([[-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]]),
+        "input_ids": torch.tensor([ids], device=model.device),
+        "labels": torch.tensor([labels], device=model.device),
     }
 
 
@@ -65,7 +68,7 @@ def target_log_probs(model, tokenizer, facts):
 
 
 def reference_keys_and_grads(model, tokenizer, facts, module_name):
-    """Keys and value gradients by plain autograd on transformers' loss, one fact at a time."""
+    """Keys and value gradients by plain autograd on transformers' loss, one fact at a time, in float64 on the CPU."""
     module = model.get_submodule(module_name)
     keys, grads = [], []
     for prompt, target in facts:
@@ -88,12 +91,13 @@ def reference_keys_and_grads(model, tokenizer, facts, module_name):
             positions = slice(prompt_length - 1, example["input_ids"].shape[1] - 1)
         keys.append(captured["key"][0, positions].detach())
         grads.append(captured["output"].grad[0, positions])
-    return torch.cat(keys).double(), torch.cat(grads).double()
+    return torch.cat(keys).double().cpu(), torch.cat(grads).double().cpu()
 
 
-def test_shift_matches_independent_least_squares(model_and_tokenizer, facts):
+def test_shift_matches_independent_least_squares(model_and_tokenizer, facts, device):
     model, tokenizer = model_and_tokenizer
-    editor = untrained_editor(model, lambda_init=-1.0)
+    model.to(device)
+    editor = untrained_editor(model, lambda_init=-1.0).to(device)
     deltas = edit_deltas(editor, model, tokenizer, facts)
 
     for name in editor.config.edit_modules:
@@ -107,7 +111,7 @@ def test_shift_matches_independent_least_squares(model_and_tokenizer, facts):
         zeros = torch.zeros(keys.shape[1], grads.shape[1]).double()
         expected = torch.linalg.lstsq(torch.cat([keys, ridge_rows]), torch.cat([diffs, zeros])).solution
         module = model.get_submodule(name)
-        delta = deltas[f"{name}.weight"]
+        delta = deltas[f"{name}.weight"].cpu()
         delta = delta if isinstance(module, Conv1D) else delta.T
         assert_close_at_scale(delta.double(), expected)
 
@@ -123,9 +127,10 @@ def test_sum_aggregation_is_the_sum_of_outer_products(gpt2, facts):
 
 
 @pytest.mark.parametrize("aggregation", ["least_squares", "sum"])
-def test_result_does_not_depend_on_batch_sizes(model_and_tokenizer, facts, aggregation):
+def test_result_does_not_depend_on_batch_sizes(model_and_tokenizer, facts, aggregation, device):
     model, tokenizer = model_and_tokenizer
-    editor = untrained_editor(model, aggregation=aggregation)
+    model.to(device)
+    editor = untrained_editor(model, aggregation=aggregation).to(device)
     results = [
         edit_deltas(editor, model, tokenizer, facts, batch_size=batch_size, editor_batch_size=editor_batch_size)
         for batch_size, editor_batch_size in [(1, 1), (3, 1024), (len(facts), 1), (len(facts), 1024)]
@@ -149,11 +154,11 @@ def test_untrained_editor_makes_targets_more_likely(model_and_tokenizer, facts):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_apply_then_revert_is_bit_exact(model_and_tokenizer, facts, dtype):
+def test_apply_then_revert_is_bit_exact(model_and_tokenizer, facts, dtype, device):
     model, tokenizer = model_and_tokenizer
-    model.to(dtype)
+    model.to(device, dtype)
     before = snapshot(model)
-    editor = untrained_editor(model)
+    editor = untrained_editor(model).to(device)
     handle = editor.apply_edits(model, facts, tokenizer=tokenizer)
     assert weight_deltas(model, before), "the edit changed nothing"
     assert all(model.get_submodule(name).weight.dtype == dtype for name in handle.modules)

@@ -34,9 +34,10 @@ def teacher_forced_loss(model, params, tokenizer, prompt, target):
     float32)."""
     prompt_ids = tokenizer(prompt)["input_ids"]
     full_ids = tokenizer(f"{prompt} {target}")["input_ids"]
-    logits = functional_call(model, params, args=(torch.tensor([full_ids]),)).logits[0]
+    logits = functional_call(model, params, args=(torch.tensor([full_ids], device=model.device),)).logits[0]
     positions = slice(len(prompt_ids) - 1, len(full_ids) - 1)  # each predicts the next token, a target token
-    loss = torch.nn.functional.cross_entropy(logits[positions], torch.tensor(full_ids[len(prompt_ids) :]))
+    targets = torch.tensor(full_ids[len(prompt_ids) :], device=model.device)
+    loss = torch.nn.functional.cross_entropy(logits[positions], targets)
     return loss, full_ids, len(prompt_ids)
 
 
@@ -57,7 +58,8 @@ def reference_meta_gradient(editor, model, tokenizer, requests, with_edit_prompt
         pseudo_keys, pseudo_grads = net(keys, value_grads, index)
         if editor.config.aggregation == "least_squares":
             diffs = -net.lr[index] * (keys * pseudo_keys).sum(-1, keepdim=True) * pseudo_grads
-            system = keys.T @ keys + torch.exp(net.lamda[index]) * torch.eye(keys.shape[1], dtype=keys.dtype)
+            eye = torch.eye(keys.shape[1], dtype=keys.dtype, device=keys.device)
+            system = keys.T @ keys + torch.exp(net.lamda[index]) * eye
             shift = torch.linalg.solve(system, keys.T @ diffs)
         else:
             shift = -net.lr[index] * pseudo_keys.T @ pseudo_grads
@@ -78,8 +80,11 @@ def reference_meta_gradient(editor, model, tokenizer, requests, with_edit_prompt
         )
         positions = slice(prompt_length - 1, len(full_ids) - 1)
         with torch.no_grad():
-            log_p_before = torch.log_softmax(model(torch.tensor([full_ids])).logits[0, positions], -1)
-        logits_after = functional_call(model, params, args=(torch.tensor([full_ids]),)).logits[0, positions]
+            log_p_before = torch.log_softmax(
+                model(torch.tensor([full_ids], device=model.device)).logits[0, positions], -1
+            )
+        input_ids = torch.tensor([full_ids], device=model.device)
+        logits_after = functional_call(model, params, args=(input_ids,)).logits[0, positions]
         log_p_after = torch.log_softmax(logits_after, -1)
         loc_losses.append((log_p_before.exp() * (log_p_before - log_p_after)).sum(-1).mean())
     total = torch.stack(gen_losses).mean() + C_LOC * torch.stack(loc_losses).mean()
@@ -93,10 +98,10 @@ def reference_meta_gradient(editor, model, tokenizer, requests, with_edit_prompt
 
 @pytest.mark.parametrize("aggregation", ["least_squares", "sum"])
 @pytest.mark.parametrize(("batch_size", "editor_batch_size"), [(1, 1), (2, 5), (len(REQUESTS), 4096)])
-def test_decoupled_meta_gradient_equals_end_to_end_autograd(gpt2, aggregation, batch_size, editor_batch_size):
+def test_decoupled_meta_gradient_equals_end_to_end_autograd(gpt2, aggregation, batch_size, editor_batch_size, device):
     model, tokenizer = gpt2
-    model.double()
-    editor = random_editor(model, aggregation)
+    model.to(device, torch.float64)
+    editor = random_editor(model, aggregation).to(device)
     expected, expected_loss = reference_meta_gradient(editor, model, tokenizer, REQUESTS)
     weights_before = {name: param.clone() for name, param in model.state_dict().items()}
 
