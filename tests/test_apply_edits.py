@@ -116,6 +116,21 @@ def test_shift_matches_independent_least_squares(model_and_tokenizer, facts, dev
         assert_close_at_scale(delta.double(), expected)
 
 
+def test_shift_with_more_tokens_than_key_features_matches_least_squares(gpt2, facts):
+    """apply_edits solves the n x n system of the tokens while they are fewer than d_in, then sums K^T K and K^T D."""
+    model, tokenizer = gpt2
+    many = [(f"{copy} {prompt}", target) for copy in range(20) for prompt, target in facts]
+    editor = untrained_editor(model, lambda_init=-1.0)
+    deltas = edit_deltas(editor, model, tokenizer, many, editor_batch_size=16)
+    for name in editor.config.edit_modules:
+        keys, grads = reference_keys_and_grads(model, tokenizer, many, name)
+        assert keys.shape[0] > keys.shape[1]
+        diffs = -editor.config.lr_init * keys.square().sum(-1, keepdim=True) * grads
+        system = keys.T @ keys + torch.exp(torch.tensor(editor.config.lambda_init)).double() * torch.eye(keys.shape[1])
+        expected = torch.linalg.solve(system, keys.T @ diffs)
+        assert_close_at_scale(deltas[f"{name}.weight"].double(), expected)
+
+
 def test_sum_aggregation_is_the_sum_of_outer_products(gpt2, facts):
     model, tokenizer = gpt2
     editor = untrained_editor(model, aggregation="sum", lr_init=0.1)

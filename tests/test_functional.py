@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from malmen_hf import least_squares_shift, summed_shift, value_differences
+from malmen_hf.functional import dual_least_squares_shift
 
 
 def test_least_squares_shift_matches_lstsq_of_the_ridge_system():
@@ -58,3 +60,13 @@ def test_least_squares_shift_falls_back_to_float64_when_float32_is_not_definite(
     assert torch.linalg.cholesky_ex(gram + torch.exp(log_lambda) * torch.eye(64)).info != 0
     shift = least_squares_shift(gram, (keys.T @ diffs).float(), log_lambda)
     assert torch.isfinite(shift).all()
+
+
+@pytest.mark.parametrize("num_tokens", [3, 40])
+def test_dual_least_squares_shift_equals_the_primal_one(num_tokens):
+    torch.manual_seed(4)
+    keys, diffs = torch.randn(num_tokens, 8, dtype=torch.float64), torch.randn(num_tokens, 5, dtype=torch.float64)
+    log_lambda = torch.tensor(-1.5)
+    expected = least_squares_shift(keys.T @ keys, keys.T @ diffs, log_lambda)
+    torch.testing.assert_close(dual_least_squares_shift(keys, diffs, log_lambda), expected)
+    assert dual_least_squares_shift(keys.float(), diffs.bfloat16(), log_lambda).dtype == torch.float32
