@@ -150,7 +150,7 @@ def _subject_end(tokenizer: "PreTrainedTokenizerBase", prompt: str, subject: str
         offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
         return next(i for i, (start, end) in enumerate(offsets) if start <= last_char < end)
     # A slow tokenizer has no offsets: count the tokens up to the subject's end, as ROME and MEMIT do.
-    return min(len(_encode(tokenizer, prompt[: last_char + 1])), len(_encode(tokenizer, prompt))) - 1
+    return min(len(ids) for ids in _encode(tokenizer, [prompt[: last_char + 1], prompt])) - 1
 
 
 def tokenize_examples(
@@ -160,7 +160,9 @@ def tokenize_examples(
     kind: ModelKind,
 ) -> list[TokenizedExample]:
     """Teacher-forced tokenization of `prompt -> target` pairs (see [`TokenizedExample`])."""
-    tokenize = {"causal": _tokenize_causal, "seq2seq": _tokenize_seq2seq, "classifier": _tokenize_classification}[kind]
+    if kind == "causal":
+        return _tokenize_causal(tokenizer, prompts, targets)
+    tokenize = {"seq2seq": _tokenize_seq2seq, "classifier": _tokenize_classification}[kind]
     examples = []
     for index, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
         try:
@@ -170,12 +172,27 @@ def tokenize_examples(
     return examples
 
 
-def _tokenize_causal(tokenizer: "PreTrainedTokenizerBase", prompt: str, target: str) -> TokenizedExample:
-    prompt = prompt.rstrip()
+def _tokenize_causal(
+    tokenizer: "PreTrainedTokenizerBase", prompts: Sequence[str], targets: Sequence[str]
+) -> list[TokenizedExample]:
+    if not prompts:
+        return []
+    prompts = [prompt.rstrip() for prompt in prompts]
     # Tokenize the whole text, not the target alone: BPE and SentencePiece both fold the separating space into the
-    # first target token (GPT-2's " Rome"), which tokenizing "Rome" on its own would get wrong.
-    prompt_ids = _encode(tokenizer, prompt)
-    full_ids = _encode(tokenizer, f"{prompt} {target.lstrip()}")
+    # first target token (GPT-2's " Rome"), which tokenizing "Rome" on its own would get wrong. One call per list:
+    # a fast tokenizer encodes a list in one go, several times faster than text by text for thousands of facts.
+    texts = [f"{prompt} {target.lstrip()}" for prompt, target in zip(prompts, targets, strict=True)]
+    return [
+        _causal_example(tokenizer, prompt_ids, full_ids, target)
+        for prompt_ids, full_ids, target in zip(
+            _encode(tokenizer, prompts), _encode(tokenizer, texts), targets, strict=True
+        )
+    ]
+
+
+def _causal_example(
+    tokenizer: "PreTrainedTokenizerBase", prompt_ids: list[int], full_ids: list[int], target: str
+) -> TokenizedExample:
     if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
         # The tokenizer merged across the boundary: tokenize the target apart, with its space.
         full_ids = prompt_ids + tokenizer(" " + target.lstrip(), add_special_tokens=False)["input_ids"]
@@ -185,12 +202,13 @@ def _tokenize_causal(tokenizer: "PreTrainedTokenizerBase", prompt: str, target: 
     return TokenizedExample(input_ids=full_ids, labels=labels)
 
 
-def _encode(tokenizer: "PreTrainedTokenizerBase", text: str) -> list[int]:
-    ids = tokenizer(text)["input_ids"]
+def _encode(tokenizer: "PreTrainedTokenizerBase", texts: list[str]) -> list[list[int]]:
     # Some tokenizers append EOS to every text: a continuation must not sit after it.
-    if len(ids) > 1 and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return ids
+    eos = tokenizer.eos_token_id
+    return [
+        ids[:-1] if len(ids) > 1 and eos is not None and ids[-1] == eos else ids
+        for ids in tokenizer(texts)["input_ids"]
+    ]
 
 
 def _tokenize_seq2seq(tokenizer: "PreTrainedTokenizerBase", prompt: str, target: str) -> TokenizedExample:
