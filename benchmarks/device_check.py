@@ -222,6 +222,7 @@ def run(args: argparse.Namespace) -> dict:
     runner = Runner(args)
     start = time.monotonic()
     summary: dict = {"command": shlex.join(["python", "benchmarks/device_check.py", *sys.argv[1:]]), "steps": {}}
+    finished = False
     try:
         runner.install_wheels()
         versions = runner.call("versions", [sys.executable, "-c", VERSIONS_SCRIPT], check=True)
@@ -229,9 +230,10 @@ def run(args: argparse.Namespace) -> dict:
         for name, step in (("tests", run_tests), ("speed", run_speed)):
             if name not in args.skip:
                 summary["steps"][name] = step(runner)
+        finished = True
     finally:
         summary["wall_s"] = round(time.monotonic() - start, 1)
-        summary["ok"] = all(step["returncode"] == 0 for step in summary["steps"].values())
+        summary["ok"] = finished and all(step["returncode"] == 0 for step in summary["steps"].values())
         (args.output_dir / "device_check.json").write_text(json.dumps(summary, indent=2) + "\n")
         runner.write(f"\nwrote {args.output_dir / 'device_check.json'}: ok={summary['ok']} in {summary['wall_s']} s\n")
         runner.close()
@@ -243,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "prepare":
         prepare(args)
         return 0
+    missing = [name for name in ("tokenizer", "counterfact.json") if not (args.carried / name).exists()]
+    if "speed" not in args.skip and missing:
+        raise SystemExit(f"{args.carried} has no {' or '.join(missing)}: run `device_check.py prepare` here first")
     return 0 if run(args)["ok"] else 1
 
 
