@@ -11,13 +11,14 @@ it cannot do better than this oracle: it bounds the choice of layers and positio
 """
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from malmen_hf import load_edit_requests
+from malmen_hf import MalmenEditorModel, fit_key_covariance, load_edit_requests
 from malmen_hf.caching import frozen, scored_logits, token_position_mask
 from malmen_hf.facts import (
     IGNORE_INDEX,
@@ -25,12 +26,12 @@ from malmen_hf.facts import (
     collate,
     pad_id_of,
     tokenize_edit_prompts,
-    tokenize_examples,
 )
 from malmen_hf.functional import least_squares_shift
 from malmen_hf.layers import shifted_weight
 from malmen_hf.metrics import locality_predictions, scores_of_model
 from malmen_hf.models import load_model_and_tokenizer
+from malmen_hf.training import covariance_texts
 
 from common import REPO_ROOT, command_line, machine_info, markdown_table, sweep_splits, without_contradictions
 
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--configs", nargs="+", default=["24-29:target"], help="FIRST-LAST:POSITIONS (down_proj of those layers)"
     )
     parser.add_argument("--preserve", type=float, nargs="+", default=[0.0], help="a: weight of C0 per edited fact")
-    parser.add_argument("--log-lambda", type=float, default=-2.0, help="log of the ridge e^lambda I")
+    parser.add_argument("--log-lambda", type=float, nargs="+", default=[-2.0], help="log of the ridge e^lambda I")
     parser.add_argument("--covariance-facts", type=int, default=1000, help="training facts whose prompts give C0")
     parser.add_argument("--steps", type=int, default=40, help="most gradient steps per batch of facts")
     parser.add_argument("--step-size", type=float, default=0.1, help="Adam's lr on the value changes")
@@ -125,33 +126,12 @@ def _optimize_batch(model, batch, modules, positions, args):
 
 def preserved_key_covariance(model, tokenizer, requests, modules, batch_size) -> dict[str, torch.Tensor]:
     """The mean `k k^T` of each module's input over every token of the requests' prompts, rephrasings and locality
-    prompts (text the edit should leave alone)."""
-    texts = [text for r in requests for text in (r.prompt, *r.rephrases, r.locality_prompt) if text]
-    # tokenize_examples wants a target: one token, masked out below with the padding.
-    examples = tokenize_examples(tokenizer, texts, ["."] * len(texts), "causal")
-    sums = {
-        name: torch.zeros(m.weight.shape[1], m.weight.shape[1], dtype=torch.float64) for name, m in modules.items()
-    }
-    count = 0
-    current = {}
-    handles = [
-        module.register_forward_hook(lambda mod, inputs, out, name=name: current.__setitem__(name, inputs[0]))
-        for name, module in modules.items()
-    ]
-    try:
-        with frozen(model), torch.no_grad():
-            for indices in batches_by_length(examples, batch_size):
-                batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), "causal")
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=1)
-                mask = batch["attention_mask"].bool()
-                count += int(mask.sum())
-                for name in modules:
-                    tokens = current[name][mask].double()
-                    sums[name] += tokens.T @ tokens
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: (total / count).float() for name, total in sums.items()}
+    prompts (text the edit should leave alone), fitted by the library (at full rank)."""
+    editor = MalmenEditorModel.for_model(
+        model, edit_modules=list(modules), covariance_weight=1.0, covariance_rank=10**6
+    )
+    fit_key_covariance(editor, model, covariance_texts(requests, len(requests)), tokenizer, batch_size=batch_size)
+    return {name: editor.key_covariance(name).matrix() for name in modules}
 
 
 def oracle_shifts(keys, changes, covariance, strength, num_facts, log_lambda) -> dict[str, torch.Tensor]:
@@ -187,17 +167,18 @@ def main(argv: list[str] | None = None) -> None:
     train_facts, _, scored = sweep_splits(records)
     requests = scored[: max(args.n)]
     before = {n: locality_predictions(model, tokenizer, requests[:n], args.batch_size) for n in args.n}
-    rows = []
+    rows, covariances = [], {}
     for config in args.configs:
         layers, positions = parse_config(config)
         modules = {
             f"model.layers.{i}.mlp.down_proj": model.get_submodule(f"model.layers.{i}.mlp.down_proj") for i in layers
         }
         start = time.perf_counter()
-        print(f"{config}: preserved-key covariance", flush=True)
-        covariance = preserved_key_covariance(
-            model, tokenizer, records[: args.covariance_facts], modules, args.batch_size
-        )
+        missing = {name: module for name, module in modules.items() if name not in covariances}
+        if missing:
+            print(f"{config}: preserved-key covariance", flush=True)
+            facts = train_facts[: args.covariance_facts]
+            covariances.update(preserved_key_covariance(model, tokenizer, facts, missing, args.batch_size))
         print(f"{config}: ideal value changes ({time.perf_counter() - start:.0f} s)", flush=True)
         keys, changes, losses = ideal_value_changes(model, tokenizer, requests, modules, positions, args)
         seconds = time.perf_counter() - start
@@ -205,16 +186,17 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.n:
             # The keys are per token, in the order of the facts' batches: take the tokens of the first n facts.
             subset = _first_facts(tokenizer, requests, positions, n)
-            for strength in args.preserve:
+            for strength, log_lambda in itertools.product(args.preserve, args.log_lambda):
                 shifts = oracle_shifts(
                     {k: v[subset] for k, v in keys.items()}, {k: v[subset] for k, v in changes.items()},
-                    covariance, strength, n, args.log_lambda,
+                    covariances, strength, n, log_lambda,
                 )  # fmt: skip
                 scores = scores_with_shifts(
                     model, tokenizer, modules, shifts, requests[:n], before[n], args.batch_size
                 )
                 row = {
                     "layers": f"{layers[0]}-{layers[-1]}", "positions": positions, "N": n, "preserve": strength,
+                    "log_lambda": log_lambda,
                     **scores, "keys_per_fact": tokens_per_fact,
                     "facts_at_target_loss": sum(loss <= args.target_loss for loss in losses[:n]) / n,
                     "optimize_s": seconds,

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--lr-init", type=float, default=1e-4)
     parser.add_argument("--lambda-init", type=float, default=0.0)
+    parser.add_argument("--covariance-weight", type=float, default=0.0, help="a: preserved keys' C0 per fact")
+    parser.add_argument("--covariance-rank", type=int, default=128)
     parser.add_argument("--meta-lr", type=float, default=2e-4)
     parser.add_argument("--c-loc", type=float, default=1.0)
     parser.add_argument("--generalization-on-edit-prompt", action="store_true", help="L_gen on the edit prompt too")
@@ -60,7 +62,8 @@ def build_editor(model, args: argparse.Namespace) -> MalmenEditorModel:
     modules = [f"model.layers.{i}.mlp.down_proj" for i in range(first, last + 1)]
     return MalmenEditorModel.for_model(
         model, edit_modules=modules, rank=args.rank, lr_init=args.lr_init, lambda_init=args.lambda_init,
-        token_positions=args.token_positions,
+        token_positions=args.token_positions, covariance_weight=args.covariance_weight,
+        covariance_rank=args.covariance_rank,
     )  # fmt: skip
 
 

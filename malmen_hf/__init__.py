@@ -18,6 +18,7 @@ _EXPORTS = {
     "MalmenTrainingArguments": "training_args",
     "apply_edits": "editing",
     "default_edit_modules": "layers",
+    "fit_key_covariance": "training",
     "fit_normalizer": "training",
     "least_squares_shift": "functional",
     "load_edit_requests": "data",

@@ -17,6 +17,11 @@ def _non_negative(value: int) -> None:
         raise ValueError(f"must be a non-negative integer, got {value}")
 
 
+def _non_negative_number(value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a finite non-negative number, got {value}")
+
+
 def _finite(value: float) -> None:
     if not math.isfinite(value):
         raise ValueError(f"must be a finite number, got {value}")
@@ -69,6 +74,15 @@ class MalmenConfig(PreTrainedConfig):
             `subject`, where ROME and MEMIT read their keys: a rephrasing that names the same subject sees the same
             key, and a neighbour with another subject does not; every fact must then have a `subject`). Encoder
             layers of seq2seq models always use every non-padding encoder position.
+        covariance_weight (`float`, defaults to 0.0):
+            `a`: the weight, per edited fact, of the covariance `C0` of the keys of other text (the mean `k k^T` over
+            its tokens, MEMIT's preserved keys) in the normal equation, `S = (K^T K + a n C0 + exp(lambda) I)^-1
+            K^T D` for `n` facts: the shift then changes what the layer does on other text much less, where the ridge
+            alone protects every direction alike. `0` leaves it out. `C0` is fitted with [`fit_key_covariance`] and
+            saved with the editor.
+        covariance_rank (`int`, defaults to 128):
+            How many leading eigenvectors of each `C0` are kept (the rest is replaced by their mean eigenvalue times
+            the identity), which keeps a saved editor small.
         normalizer_eps (`float`, defaults to 1e-5):
             Lower bound on the running standard deviation when normalizing the hyper-network's inputs.
         training (`dict`, *optional*):
@@ -95,6 +109,8 @@ class MalmenConfig(PreTrainedConfig):
     lambda_init: float | int = validated_field(_finite, default=0.0)
     aggregation: Literal["least_squares", "sum"] = "least_squares"
     token_positions: Literal["target", "all", "subject_last"] = "target"
+    covariance_weight: float | int = validated_field(_non_negative_number, default=0.0)
+    covariance_rank: int = validated_field(_positive, default=128)
     normalizer_eps: float | int = validated_field(_positive, default=1e-5)
     training: dict | None = None
 

@@ -133,7 +133,7 @@ def apply_edits(
     _check_lengths(model, examples)
 
     timings = {"caching": 0.0, "hypernetwork": 0.0, "solve_and_apply": 0.0}
-    sums = _NormalEquationSums(editor, modules, dual=True)
+    sums = _NormalEquationSums(editor, modules, num_facts=len(requests), dual=True)
     rows = _RowBuffer(editor_batch_size)
     start = time.perf_counter()
     # closing(): if the hyper-network fails mid-way, the model's flags and mode are restored before the error leaves.
@@ -357,9 +357,15 @@ class _NormalEquationSums:
     in time and memory with fewer tokens than key features. Training back-propagates through the sums: no `dual`.
     """
 
-    def __init__(self, editor: nn.Module, modules: dict[str, nn.Module], dual: bool = False):
+    def __init__(self, editor: nn.Module, modules: dict[str, nn.Module], num_facts: int, dual: bool = False):
         self.editor = editor
         self.least_squares = editor.config.aggregation == "least_squares"
+        self.num_facts = num_facts
+        # The preserved keys' covariance is a d_in x d_in term of the normal equation: no n x n dual form then.
+        self.covariance_weight = editor.config.covariance_weight if self.least_squares else 0.0
+        dual = dual and self.covariance_weight == 0
+        if self.covariance_weight > 0:
+            _check_covariances_fitted(editor, modules)
         # The running sums stay in (at least) float32 even for a half-precision editor: they add up many batches.
         self.device, self.dtype = editor.device, torch.promote_types(editor.dtype, torch.float32)
         self.names = list(modules)
@@ -401,6 +407,13 @@ class _NormalEquationSums:
         self.gram[name].addmm_(keys.T, keys)
         self.cross[name].addmm_(keys.T, diffs)
 
+    def system_gram(self, name: str) -> torch.Tensor:
+        """`K^T K + a n C0`: the normal equation's matrix without its ridge (MEMIT's preserved keys, when `a > 0`)."""
+        if self.covariance_weight == 0:
+            return self.gram[name]
+        covariance = self.editor.key_covariance(name).matrix().to(self.gram[name])
+        return self.gram[name] + self.covariance_weight * self.num_facts * covariance
+
     def _stacked_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat([keys for keys, _ in self.rows[name]]), torch.cat([diffs for _, diffs in self.rows[name]])
 
@@ -412,7 +425,9 @@ class _NormalEquationSums:
                 if name in self.rows:
                     shift = dual_least_squares_shift(*self._stacked_rows(name), net.lamda[layer_index].detach())
                 elif self.least_squares:
-                    shift = least_squares_shift(self.gram[name], self.cross[name], net.lamda[layer_index].detach())
+                    shift = least_squares_shift(
+                        self.system_gram(name), self.cross[name], net.lamda[layer_index].detach()
+                    )
                 else:
                     shift = summed_shift(self.cross[name], net.lr[layer_index].detach())
             except torch.linalg.LinAlgError as error:
@@ -427,6 +442,16 @@ class _NormalEquationSums:
                 )
             shifts[name] = shift
         return shifts
+
+
+def _check_covariances_fitted(editor: nn.Module, modules: dict[str, nn.Module]) -> None:
+    unfitted = [name for name in modules if editor.key_covariance(name).count == 0]
+    if unfitted:
+        raise ValueError(
+            f"This editor weighs the preserved keys' covariance (covariance_weight={editor.config.covariance_weight}) "
+            f"but has none fitted for {unfitted}: call `malmen_hf.fit_key_covariance(editor, model, texts, "
+            "tokenizer)` with text the edits should leave alone (or set covariance_weight=0). No weight was changed."
+        )
 
 
 def _apply_shifts(modules: dict[str, nn.Module], shifts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

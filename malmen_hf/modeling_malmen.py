@@ -69,6 +69,37 @@ class MalmenNormalizer(nn.Module):
         return (x - self.mean) / self.var.sqrt().clamp_min(self.eps)
 
 
+class MalmenKeyCovariance(nn.Module):
+    """
+    The covariance `C0` (mean `k k^T`) of an edited layer's inputs on other text, kept as its leading eigenvectors
+    `U` and eigenvalues, plus the mean of the other eigenvalues as an isotropic floor:
+    `C0 ~ U diag(eigenvalues - floor) U^T + floor I`.
+    """
+
+    def __init__(self, size: int, rank: int):
+        super().__init__()
+        self.register_buffer("basis", torch.zeros(size, min(rank, size)))
+        self.register_buffer("eigenvalues", torch.zeros(min(rank, size)))
+        self.register_buffer("floor", torch.zeros(()))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def fit(self, sum_of_outer_products: torch.Tensor, count: int) -> None:
+        """Sets `C0 = sum_of_outer_products / count`, truncated to the leading eigenvectors."""
+        eigenvalues, eigenvectors = torch.linalg.eigh(sum_of_outer_products.double() / count)  # ascending
+        rank = self.eigenvalues.shape[0]
+        rest = eigenvalues[:-rank].clamp_min(0)
+        self.basis.copy_(eigenvectors[:, -rank:])
+        self.eigenvalues.copy_(eigenvalues[-rank:].clamp_min(0))
+        self.floor.copy_(rest.mean() if rest.numel() else 0.0)
+        self.count.fill_(count)
+
+    def matrix(self) -> torch.Tensor:
+        """`C0` as a `(size, size)` matrix."""
+        eye = torch.eye(self.basis.shape[0], dtype=self.basis.dtype, device=self.basis.device)
+        return (self.basis * (self.eigenvalues - self.floor)) @ self.basis.T + self.floor * eye
+
+
 class MalmenBlock(nn.Module):
     """`x + scale[m] * relu(x A B + b) + shift[m]`: B starts at zero, so a fresh block is the identity."""
 
@@ -143,6 +174,9 @@ class MalmenPreTrainedModel(PreTrainedModel):
             init.zeros_(module.mean)
             init.ones_(module.var)
             init.zeros_(module.count)
+        elif isinstance(module, MalmenKeyCovariance):
+            for buffer in module.buffers():
+                init.zeros_(buffer)
         elif isinstance(module, MalmenNet):
             init.constant_(module.lr, self.config.lr_init)
             init.constant_(module.lamda, self.config.lambda_init)
@@ -177,6 +211,11 @@ class MalmenEditorModel(MalmenPreTrainedModel):
                 for key, num_layers in layers_per_shape.items()
             }
         )
+        if config.covariance_weight > 0:
+            # Only editors that use it hold it: editors saved without one still load.
+            self.key_covariances = nn.ModuleList(
+                MalmenKeyCovariance(d_in, config.covariance_rank) for d_in, _ in config.edit_module_shapes
+            )
         self.post_init()
 
     @classmethod
@@ -290,6 +329,12 @@ class MalmenEditorModel(MalmenPreTrainedModel):
                 revision=revision,
                 create_pr=create_pr,
             )
+
+    def key_covariance(self, module_name: str) -> MalmenKeyCovariance | None:
+        """The preserved keys' covariance of `module_name`, or `None` when `config.covariance_weight` is 0."""
+        if self.config.covariance_weight == 0:
+            return None
+        return self.key_covariances[self.config.edit_modules.index(module_name)]
 
     def net_for(self, module_name: str) -> tuple[MalmenNet, int]:
         """The hyper-network that serves `module_name` and the module's index among the layers it serves."""

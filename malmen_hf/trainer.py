@@ -19,7 +19,7 @@ from .cards import editor_card
 from .checkpoints import checkpoint_folder, complete_checkpoints, load_checkpoint, save_checkpoint
 from .facts import EditRequest
 from .metrics import edit_scores
-from .training import meta_gradient
+from .training import covariance_texts, fit_key_covariance, meta_gradient
 from .training_args import MalmenTrainingArguments
 
 if TYPE_CHECKING:
@@ -94,6 +94,9 @@ def train_editor(
     if args.resume_from_checkpoint:
         folder = _checkpoint_to_resume(output_dir, args.resume_from_checkpoint)
         progress.load_state_dict(load_checkpoint(folder, editor, optimizer))
+    if editor.config.covariance_weight > 0 and any(cov.count == 0 for cov in editor.key_covariances):
+        # Every process reads the same texts, so all fit the same covariance.
+        fit_key_covariance(editor, model, covariance_texts(train_requests), tokenizer, batch_size=args.batch_size)
     settings = {
         **dataclasses.asdict(args),
         "num_train_facts": len(train_requests),

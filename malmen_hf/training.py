@@ -12,10 +12,11 @@ from transformers.pytorch_utils import Conv1D
 
 from .caching import frozen, per_fact_loss, per_fact_mean, rows_of_scored_tokens, scored_logits
 from .data import load_edit_requests
-from .editing import _apply_shifts, _checked_modules, _NormalEquationSums, cached_batches
+from .editing import _apply_shifts, _checked_modules, _encoder_module_names, _NormalEquationSums, cached_batches
 from .facts import (
     IGNORE_INDEX,
     EditRequest,
+    TokenizedExample,
     batches_by_length,
     collate,
     model_kind,
@@ -24,6 +25,7 @@ from .facts import (
     tokenize_examples,
 )
 from .functional import at_least_float32, value_differences
+from .layers import weight_shape
 from .modeling_malmen import MalmenEditorModel
 from .shipped import COUNTERFACT_SAMPLE
 
@@ -95,7 +97,7 @@ def meta_gradient(
             net, _ = editor.net_for(name)
             net.normalizer.update(torch.cat((keys[name], value_grads[name]), dim=-1), all_reduce=all_reduce)
 
-    sums = _NormalEquationSums(editor, modules)
+    sums = _NormalEquationSums(editor, modules, num_facts=num_facts)
     with torch.no_grad():
         sums.add({name: (keys[name], value_grads[name]) for name in modules}, editor_batch_size)
         for totals in (sums.gram, sums.cross):
@@ -168,6 +170,81 @@ def fit_normalizer(
                 net, _ = editor.net_for(name)
                 inputs = torch.cat((keys, value_grads), dim=-1)
                 net.normalizer.update(inputs.to(net.normalizer.mean.device))
+
+
+def fit_key_covariance(
+    editor: nn.Module,
+    model: "PreTrainedModel",
+    texts: Sequence[str],
+    tokenizer: "PreTrainedTokenizerBase",
+    *,
+    batch_size: int = 32,
+) -> None:
+    """
+    Fits the preserved keys' covariance `C0` of each edited layer (see `MalmenConfig.covariance_weight`): the mean
+    `k k^T` of the layer's inputs over every token of `texts`, text whose continuations the edits should leave alone
+    (MEMIT uses Wikipedia; the prompts of other facts do well). An encoder-decoder model reads each text on both
+    sides. Replaces any earlier fit; [`train_editor`] fits it from its training facts when it is missing.
+    """
+    if editor.config.covariance_weight == 0:
+        raise ValueError(
+            "This editor has covariance_weight=0: build it with covariance_weight > 0 to use a covariance."
+        )
+    modules = _checked_modules(editor, model)
+    kind = model_kind(model)
+    examples = [_as_plain_text_example(tokenizer, text, kind) for text in texts]
+    decoder_modules = set(modules) - _encoder_module_names(model, modules)
+    sums = {
+        name: torch.zeros(weight_shape(module)[0], weight_shape(module)[0], dtype=torch.float64)
+        for name, module in modules.items()
+    }
+    counts = dict.fromkeys(modules, 0)
+    inputs_of: dict[str, torch.Tensor] = {}
+    hooks = [
+        module.register_forward_hook(lambda _, args, __, name=name: inputs_of.__setitem__(name, args[0].detach()))
+        for name, module in modules.items()
+    ]
+    try:
+        with frozen(model), torch.no_grad():
+            for indices in batches_by_length(examples, batch_size):
+                batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), kind)
+                _run_for_keys(model, batch, kind)
+                for name in modules:
+                    mask = batch[
+                        "decoder_attention_mask" if kind == "seq2seq" and name in decoder_modules else "attention_mask"
+                    ]
+                    keys = inputs_of[name][mask.bool().to(inputs_of[name].device)].float()
+                    sums[name] += (keys.T @ keys).double().cpu()  # float32 per batch, summed in float64
+                    counts[name] += keys.shape[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name in modules:
+        editor.key_covariance(name).fit(sums[name], counts[name])
+
+
+def covariance_texts(requests: Sequence[EditRequest], max_facts: int = 1000) -> list[str]:
+    """The texts [`train_editor`] fits a missing key covariance on: every prompt of the first `max_facts` facts."""
+    return [text for r in requests[:max_facts] for text in (r.prompt, *r.rephrases, r.locality_prompt) if text]
+
+
+def _as_plain_text_example(tokenizer, text: str, kind: str) -> TokenizedExample:
+    """A text to read, not to score: no labels, except the decoder's copy of the text for an encoder-decoder."""
+    input_ids = tokenizer(text.strip())["input_ids"]
+    return TokenizedExample(
+        input_ids=input_ids, labels=input_ids if kind == "seq2seq" else [IGNORE_INDEX] * len(input_ids)
+    )
+
+
+def _run_for_keys(model, batch: dict[str, torch.Tensor], kind: str) -> None:
+    device = model.get_input_embeddings().weight.device
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    if kind == "seq2seq":
+        inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"].to(device))
+        inputs["decoder_attention_mask"] = batch["decoder_attention_mask"].to(device)
+    elif kind == "causal":
+        inputs.update(logits_to_keep=1, use_cache=False)  # the head's output is not needed
+    model(**inputs)
 
 
 def training_free_editor(
@@ -321,7 +398,7 @@ def _backward_through_solve(editor, name, keys, value_grads, sums, shift, shift_
     if sums.least_squares:
         log_lambda = net.lamda[layer_index]
         eye = torch.eye(keys.shape[1], device=keys.device, dtype=keys.dtype)
-        system = sums.gram[name] + torch.exp(log_lambda.detach()) * eye
+        system = sums.system_gram(name) + torch.exp(log_lambda.detach()) * eye
         solved = torch.linalg.solve(system, shift_grad)  # M^-1 G, with M symmetric
         lambda_grad = -torch.exp(log_lambda.detach()) * (solved * shift).sum()
     for start in range(0, keys.shape[0], editor_batch_size):

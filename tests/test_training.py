@@ -45,7 +45,7 @@ def grad_or_zero(param):
     return torch.zeros_like(param) if param.grad is None else param.grad.clone()
 
 
-def reference_meta_gradient(editor, model, tokenizer, requests, with_edit_prompt=False):
+def reference_meta_gradient(editor, model, tokenizer, requests, with_edit_prompt=False, preserved=None):
     """End-to-end autograd: the hyper-network, a direct torch.linalg.solve, and the losses in one graph."""
     modules = {name: model.get_submodule(name) for name in editor.config.edit_modules}
     examples = tokenize_examples(tokenizer, [r.prompt for r in requests], [r.target for r in requests], "causal")
@@ -60,6 +60,8 @@ def reference_meta_gradient(editor, model, tokenizer, requests, with_edit_prompt
             diffs = -net.lr[index] * (keys * pseudo_keys).sum(-1, keepdim=True) * pseudo_grads
             eye = torch.eye(keys.shape[1], dtype=keys.dtype, device=keys.device)
             system = keys.T @ keys + torch.exp(net.lamda[index]) * eye
+            if preserved is not None:  # a n C0, the preserved keys' term
+                system = system + preserved[name]
             shift = torch.linalg.solve(system, keys.T @ diffs)
         else:
             shift = -net.lr[index] * pseudo_keys.T @ pseudo_grads
