@@ -10,15 +10,16 @@ folder the device tool brings back, else `benchmarks/results/gpu`):
 1. tests: the test suite's device-dependent tests on the device (`pytest -m cuda`: apply, bit-exact revert in float32,
    bfloat16 and float16, batch-size invariance, the meta-gradient against autograd, a model split by a `device_map`);
 2. edit speed: `benchmarks/edit_speed.py` on a model of GPT-J-6B's shape with random bfloat16 weights and the carried
-   SmolLM2 tokenizer's vocabulary, for N = 1,024, 4,096 and 16,384 CounterFact facts (one `apply_edits` call each),
+   SmolLM2 tokenizer's vocabulary, for N = 1,024, 4,096 and 16,384 CounterFact facts (one `apply_edits` call each;
+   the facts of train.json, then of edit.json, since 16,384 is more than either has),
    against one no-grad forward over the same tokens, with peak GPU memory;
 3. `device_check.json`: the versions, each step's exit status, counts and wall time, and the speed results
    (`log.txt` has the steps' output).
 
 The device has torch 2.11 and transformers 5.17; this project needs transformers >= 5.23, so `run` first installs the
 carried wheels (`--carried`, made by `prepare`: the versions installed here) into a folder that it puts first on the
-children's `PYTHONPATH`. `--device cpu --model-size tiny --n 8 16` runs the same steps on the CPU in seconds
-(tests/test_device_check.py).
+children's `PYTHONPATH`. `--device cpu --model-size tiny --n 8 16 --no-wheels` runs the same steps on the CPU in
+seconds (tests/test_device_check.py).
 """
 
 import argparse
@@ -44,7 +45,6 @@ DEFAULT_DATA = [REPO_ROOT.parent / "shared" / "data" / "counterfact" / name for 
 WHEELS = ["transformers", "regex", "datasets", "dill", "multiprocess", "evaluate"]
 TESTS_LIMIT_S = 200  # of the 420 s budget: the rest is the speed step's
 DEVICE_TESTS = ["tests/test_apply_edits.py", "tests/test_training.py", "tests/test_device_map.py"]
-# GPT-J-6B's architecture (EleutherAI/gpt-j-6b's config.json); the vocabulary is the carried tokenizer's.
 VERSIONS_SCRIPT = """
 import json, torch, transformers, accelerate
 print(json.dumps({
@@ -52,6 +52,7 @@ print(json.dumps({
     "accelerate": accelerate.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
 }))
 """
+# GPT-J-6B's architecture (EleutherAI/gpt-j-6b's config.json); the vocabulary is the carried tokenizer's.
 MODEL_CONFIGS = {
     "gptj-6b": {
         "model_type": "gptj", "n_embd": 4096, "n_layer": 28, "n_head": 16, "rotary_dim": 64, "n_positions": 2048,
