@@ -232,6 +232,7 @@ def report(rows) -> str:
         ("positions", "positions", "{}"),
         ("N", "N", "{}"),
         ("a", "preserve", "{:g}"),
+        ("log lambda", "log_lambda", "{:g}"),
     ]
     columns += [(name, name, "{:.3f}") for name in SCORES]
     return markdown_table(rows, columns)
