@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-from malmen_hf import MalmenEditorModel, MalmenTrainingArguments, load_edit_requests, train_editor
+from malmen_hf import (
+    MalmenEditorModel,
+    MalmenTrainingArguments,
+    load_edit_requests,
+    train_editor,
+    training_free_editor,
+)
 from malmen_hf.metrics import edit_scores
 from malmen_hf.models import load_model_and_tokenizer
 
@@ -44,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--generalization-on-edit-prompt", action="store_true", help="L_gen on the edit prompt too")
     parser.add_argument("--facts-per-step", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument(
+        "--max-steps", type=int, default=100, help="0: the training-free editor (lr-init, lambda-init)"
+    )
     parser.add_argument("--max-time-s", type=float, default=None, help="wall-clock budget of this run's training")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-facts", type=int, default=256)
@@ -57,11 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_editor(model, args: argparse.Namespace) -> MalmenEditorModel:
+def edited_modules(args: argparse.Namespace) -> list[str]:
     first, last = (int(part) for part in args.layers.split("-"))
-    modules = [f"model.layers.{i}.mlp.down_proj" for i in range(first, last + 1)]
+    return [f"model.layers.{i}.mlp.down_proj" for i in range(first, last + 1)]
+
+
+def build_editor(model, args: argparse.Namespace) -> MalmenEditorModel:
     return MalmenEditorModel.for_model(
-        model, edit_modules=modules, rank=args.rank, lr_init=args.lr_init, lambda_init=args.lambda_init,
+        model, edit_modules=edited_modules(args), rank=args.rank, lr_init=args.lr_init, lambda_init=args.lambda_init,
         token_positions=args.token_positions, covariance_weight=args.covariance_weight,
         covariance_rank=args.covariance_rank,
     )  # fmt: skip
@@ -85,6 +96,16 @@ def train(model, tokenizer, train_facts, validation, args: argparse.Namespace) -
     return editor, time.perf_counter() - start
 
 
+def training_free(model, tokenizer, train_facts, args: argparse.Namespace) -> MalmenEditorModel:
+    """The untrained editor with the run's layers, positions and covariance, fitted on 512 training facts."""
+    return training_free_editor(
+        model, tokenizer, train_facts[:512], edit_modules=edited_modules(args),
+        lr=args.lr_init, log_lambda=args.lambda_init, batch_size=args.batch_size,
+        token_positions=args.token_positions, covariance_weight=args.covariance_weight,
+        covariance_rank=args.covariance_rank,
+    )  # fmt: skip
+
+
 def score(editor, model, tokenizer, scored, sizes: list[int], batch_size: int) -> dict[str, dict[str, float]]:
     return {str(n): edit_scores(editor, model, tokenizer, scored[:n], batch_size, SCORES) for n in sizes}
 
@@ -101,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     seconds = 0.0
     if args.skip_training:
         editor = MalmenEditorModel.from_pretrained(args.runs_dir / args.name).to(device)
+    elif args.max_steps == 0:
+        editor = training_free(model, tokenizer, train_facts, args)
     else:
         editor, seconds = train(model, tokenizer, train_facts, validation, args)
     editor.eval()

@@ -261,7 +261,8 @@ def training_free_editor(
     """
     The training-free MALMEN editor of `model`: an untrained hyper-network without blocks (each value difference is
     then the standardized value gradient, scaled by `lr`) and the least-squares aggregation with ridge
-    `exp(log_lambda)`, its normalizer fitted on `fit_requests` (see [`fit_normalizer`]).
+    `exp(log_lambda)`, its normalizer fitted on `fit_requests` (see [`fit_normalizer`]), and its preserved keys'
+    covariance on their prompts when `covariance_weight > 0` is given (see [`fit_key_covariance`]).
 
     The defaults are the settings the quality benchmark (`benchmarks/quality.py`) uses and chose for SmolLM2-135M on
     CounterFact training facts: lr 1e-3, log lambda 2, the normalizer fitted on the first 512 training facts (shipped
@@ -285,6 +286,8 @@ def training_free_editor(
     if fit_requests is None:
         fit_requests = load_edit_requests(COUNTERFACT_SAMPLE, "counterfact")
     fit_normalizer(editor, model, fit_requests, tokenizer, batch_size=batch_size)
+    if editor.config.covariance_weight > 0:
+        fit_key_covariance(editor, model, covariance_texts(fit_requests), tokenizer, batch_size=batch_size)
     return editor
 
 

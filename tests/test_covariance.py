@@ -6,7 +6,13 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from malmen_hf import MalmenEditorModel, MalmenTrainingArguments, fit_key_covariance, train_editor
+from malmen_hf import (
+    MalmenEditorModel,
+    MalmenTrainingArguments,
+    fit_key_covariance,
+    train_editor,
+    training_free_editor,
+)
 from malmen_hf.training import covariance_texts, meta_gradient
 from tests import tiny
 from tests.conftest import FACTS, assert_bit_identical, snapshot
@@ -151,3 +157,13 @@ def test_training_fits_a_missing_covariance(tmp_path):
     fit_key_covariance(expected, model, covariance_texts(TRAIN), tokenizer)
     for name in trained.config.edit_modules:
         torch.testing.assert_close(trained.key_covariance(name).matrix(), expected.key_covariance(name).matrix())
+
+
+def test_the_training_free_editor_fits_its_covariance_on_the_fitting_facts(gpt2):
+    model, tokenizer = gpt2
+    editor = training_free_editor(model, tokenizer, REQUESTS, covariance_weight=1.0, covariance_rank=8)
+    expected = untrained_editor(model, covariance_weight=1.0, covariance_rank=8)
+    fit_key_covariance(expected, model, covariance_texts(REQUESTS), tokenizer)
+    for name in editor.config.edit_modules:
+        torch.testing.assert_close(editor.key_covariance(name).matrix(), expected.key_covariance(name).matrix())
+    editor.apply_edits(model, FACTS, tokenizer=tokenizer).revert()
