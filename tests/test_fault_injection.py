@@ -13,10 +13,12 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 
 import pytest
 import torch
+from tqdm import std as tqdm_std
 
 from malmen_hf import MalmenEditorModel, load_edits
 from malmen_hf.checkpoints import checkpoint_folder, complete_checkpoints, load_checkpoint, save_checkpoint
@@ -49,6 +51,7 @@ def killed_at(call_number: int, save) -> bool:
     pid = os.fork()
     if pid == 0:  # the child: never returns to pytest
         try:
+            _use_a_private_tqdm_lock()
             calls = 0
 
             def profile(frame, event, arg):
@@ -69,6 +72,22 @@ def killed_at(call_number: int, save) -> bool:
             pytest.fail("the saving child hung")
         time.sleep(0.005)
     return os.WIFSIGNALED(result[1])
+
+
+def _use_a_private_tqdm_lock() -> None:
+    """
+    tqdm's write lock holds a multiprocessing lock, which a forked child shares with its parent: a child killed while
+    holding it (a progress bar is being created) would leave every later progress bar of the test session waiting
+    forever. The child takes a lock of its own.
+    """
+    lock = threading.RLock()
+    classes, pending = set(), [tqdm_std.tqdm]
+    while pending:
+        cls = pending.pop()
+        classes.add(cls)
+        pending.extend(cls.__subclasses__())
+    for cls in classes:
+        cls._lock = lock  # what `tqdm.set_lock` sets, on each class that may already hold the shared one
 
 
 def kill_points(save, seed) -> list[int]:
