@@ -45,6 +45,13 @@ def without_contradictions(facts: list, prompt_and_target: Callable[[Any], tuple
     return kept
 
 
+def load_counterfact_requests(path: str | Path, format: str = "auto") -> list:
+    """A CounterFact-style file's facts as `EditRequest`s, without those `without_contradictions` leaves out."""
+    from malmen_hf import load_edit_requests
+
+    return without_contradictions(load_edit_requests(path, format), lambda request: (request.prompt, request.target))
+
+
 def sweep_splits(records: list) -> tuple[list, list, list]:
     """
     The fixed splits of CounterFact's train.json (without contradictions) for choosing settings: the facts to train

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from malmen_hf import MalmenEditorModel, fit_key_covariance, load_edit_requests
+from malmen_hf import MalmenEditorModel, fit_key_covariance
 from malmen_hf.caching import frozen, scored_logits, token_position_mask
 from malmen_hf.facts import (
     IGNORE_INDEX,
@@ -33,7 +33,7 @@ from malmen_hf.metrics import locality_predictions, scores_of_model
 from malmen_hf.models import load_model_and_tokenizer
 from malmen_hf.training import covariance_texts
 
-from common import REPO_ROOT, command_line, machine_info, markdown_table, sweep_splits, without_contradictions
+from common import REPO_ROOT, command_line, load_counterfact_requests, machine_info, markdown_table, sweep_splits
 
 SCORES = ("ES", "GS", "LS", "CF_efficacy", "CF_paraphrase", "CF_neighborhood")
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer(args.model)
     model.float()
-    records = without_contradictions(load_edit_requests(args.data), lambda request: (request.prompt, request.target))
+    records = load_counterfact_requests(args.data)
     train_facts, _, scored = sweep_splits(records)
     requests = scored[: max(args.n)]
     before = {n: locality_predictions(model, tokenizer, requests[:n], args.batch_size) for n in args.n}

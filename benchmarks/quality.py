@@ -43,7 +43,7 @@ from malmen_hf.metrics import SCORES, locality_predictions, scores_of_model
 from malmen_hf.models import load_model_and_tokenizer
 from malmen_hf.training import TRAINING_FREE_LOG_LAMBDA, TRAINING_FREE_LR
 
-from common import command_line, machine_info, markdown_table, without_contradictions
+from common import command_line, load_counterfact_requests, machine_info, markdown_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact"
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer(args.model)
     model.eval()
-    requests = without_contradictions(load_edit_requests(args.data, "counterfact"), lambda r: (r.prompt, r.target))
+    requests = load_counterfact_requests(args.data, "counterfact")
     editors, settings = load_editors(args, model, tokenizer)
     results = {
         "command": command_line(__file__, argv),

@@ -21,14 +21,13 @@ import torch
 from malmen_hf import (
     MalmenEditorModel,
     MalmenTrainingArguments,
-    load_edit_requests,
     train_editor,
     training_free_editor,
 )
 from malmen_hf.metrics import edit_scores
 from malmen_hf.models import load_model_and_tokenizer
 
-from common import REPO_ROOT, command_line, machine_info, sweep_splits, without_contradictions
+from common import REPO_ROOT, command_line, load_counterfact_requests, machine_info, sweep_splits
 
 SCORES = ("ES", "GS", "LS", "CF_efficacy", "CF_paraphrase", "CF_neighborhood")
 
@@ -117,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_and_tokenizer(args.model)
     model.to(device)
-    records = without_contradictions(load_edit_requests(args.data), lambda request: (request.prompt, request.target))
+    records = load_counterfact_requests(args.data)
     train_facts, validation, scored = sweep_splits(records)
     seconds = 0.0
     if args.skip_training:
