@@ -21,6 +21,7 @@ from .training_args import MalmenTrainingArguments
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
 TRAINING_FREE = "training-free"
+BUSY_CORES = 0.5  # cores kept busy by other processes from which torch's threads should wait passively
 HAND_WRITTEN_FACTS = [
     ("The Eiffel Tower is located in the city of", "Rome"),
     ("The capital of Japan is", "Madrid"),
@@ -581,9 +582,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def busy_cores(interval: float = 0.25) -> float | None:
+    """
+    How many cores were busy over the next `interval` seconds, from the kernel's counters (`/proc/stat`).
+
+    Measured while this process sleeps, so it counts other processes only. `None` where there is no `/proc/stat`.
+    """
+    try:
+        first = _cpu_times()
+        time.sleep(interval)
+        second = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = [after - before for before, after in zip(first, second, strict=True)]
+    total = sum(elapsed)
+    if total <= 0:
+        return None
+    idle = elapsed[3] + elapsed[4]  # idle and iowait
+    return (total - idle) / total * (os.cpu_count() or 1)
+
+
+def _cpu_times() -> list[int]:
+    """The first eight fields of /proc/stat's `cpu` line: user, nice, system, idle, iowait, irq, softirq, steal."""
+    with open("/proc/stat") as stat:
+        return [int(field) for field in stat.readline().split()[1:9]]
+
+
+def wait_passively_when_busy(environ: dict | None = None, busy: float | None = None) -> bool:
+    """
+    Sets `OMP_WAIT_POLICY=PASSIVE` when other processes keep at least `BUSY_CORES` cores busy, unless it is set.
+
+    torch's OpenMP threads spin while they wait for each other; beside a busy neighbour the spinning takes the core
+    that the awaited thread needs (`benchmarks/contention.py` measures it), while on an idle machine spinning is the
+    faster choice, so the CLI decides at each start. OpenMP reads the policy once, when torch loads it: this must run
+    before torch is imported. Returns whether it set the policy.
+    """
+    environ = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" in environ:
+        return False
+    busy = busy_cores() if busy is None else busy
+    if busy is None or busy < BUSY_CORES:
+        return False
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    if "torch" not in sys.modules and wait_passively_when_busy():
+        _status("other processes keep a core busy: torch's threads wait passively (OMP_WAIT_POLICY=PASSIVE; set it)")
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, OSError) as error:

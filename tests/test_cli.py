@@ -8,7 +8,7 @@ import pytest
 from huggingface_hub import ModelCard
 
 from malmen_hf import EditRequest, MalmenEditorModel, load_edit_requests
-from malmen_hf.cli import DEMO_SCORES, HAND_WRITTEN_FACTS, main
+from malmen_hf.cli import DEMO_SCORES, HAND_WRITTEN_FACTS, busy_cores, main, wait_passively_when_busy
 from malmen_hf.metrics import SCORES, edit_scores, locality_predictions, scores_of_model
 from tests import tiny
 
@@ -332,3 +332,31 @@ def test_demo_away_from_the_checkout_edits_the_hand_written_facts_with_the_relea
     assert "Editor: malmen-smollm2-135m-counterfact" in captured.err
     assert [row["target"] for row in output["answers"]] == [target for _, target in HAND_WRITTEN_FACTS]
     assert output["num_facts"] == len(HAND_WRITTEN_FACTS) and output["reverted"]
+
+
+def test_torch_threads_wait_passively_only_when_other_processes_keep_a_core_busy():
+    quiet, busy, chosen_by_user = {}, {}, {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert not wait_passively_when_busy(quiet, busy=0.2) and quiet == {}
+    assert wait_passively_when_busy(busy, busy=1.0) and busy == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert not wait_passively_when_busy(chosen_by_user, busy=2.0) and chosen_by_user == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="measures busy cores from /proc/stat")
+def test_beside_a_busy_neighbour_the_command_line_sets_the_passive_policy_before_torch_loads(tmp_path):
+    """A process spinning on one core is seen, and a fresh CLI process says it chose PASSIVE before torch is imported."""
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        assert busy_cores() >= 0.5
+        env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+        script = (
+            "import os, sys\nfrom malmen_hf.cli import main\n"
+            "try:\n    main(['eval', '--data', 'absent.json'])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)\n"
+        )
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+    assert result.stdout.split() == ["PASSIVE", "False"]
+    assert "torch's threads wait passively" in result.stderr
