@@ -98,7 +98,7 @@ def prepare(args: argparse.Namespace) -> None:
     """Wheels of the installed versions, the tokenizer's files and the facts' prompts and targets, in `--carried`."""
     from transformers import AutoTokenizer
 
-    from malmen_hf.models import resolve_model
+    from malmen_hf.offline_models import resolve_model
 
     shutil.rmtree(args.carried, ignore_errors=True)
     wheels = args.carried / "wheels"

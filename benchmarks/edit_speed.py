@@ -21,7 +21,7 @@ sampled every 2 ms by a background thread (after `gc.collect()` and `malloc_trim
 is not counted as free).
 The edits of each N are reverted before the next N.
 
-Run from the repository root (the model is converted once from PyPI, see `malmen_hf.models`):
+Run from the repository root (the model is converted once from PyPI, see `malmen_hf.offline_models`):
 
     python benchmarks/edit_speed.py                        # the full list of N on the default device
     python benchmarks/edit_speed.py --n 1 10 100 --threads 2
@@ -48,7 +48,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from malmen_hf import MalmenEditorModel
-from malmen_hf.models import load_model_and_tokenizer
+from malmen_hf.offline_models import load_model_and_tokenizer
 
 from common import (
     MB,

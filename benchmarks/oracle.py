@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from malmen_hf import MalmenEditorModel, fit_key_covariance
-from malmen_hf.caching import frozen, scored_logits, token_position_mask
+from malmen_hf.caching import frozen, token_position_mask
+from malmen_hf.evaluation.metrics import locality_predictions, scores_of_model
 from malmen_hf.facts import (
     IGNORE_INDEX,
     batches_by_length,
@@ -29,9 +30,9 @@ from malmen_hf.facts import (
 )
 from malmen_hf.functional import least_squares_shift
 from malmen_hf.layers import shifted_weight
-from malmen_hf.metrics import locality_predictions, scores_of_model
-from malmen_hf.models import load_model_and_tokenizer
-from malmen_hf.training import covariance_texts
+from malmen_hf.offline_models import load_model_and_tokenizer
+from malmen_hf.scoring import scored_logits
+from malmen_hf.training.fitting import covariance_texts
 
 from common import REPO_ROOT, command_line, load_counterfact_requests, machine_info, markdown_table, sweep_splits
 

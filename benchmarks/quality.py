@@ -14,7 +14,8 @@ at once on SmolLM2-135M by each method, scored, and reverted, all in one run:
 
 N = 1 is the mean of `--single-trials` separate one-fact edits. Above `--score-sample` facts the scores are measured
 on a fixed uniform sample of that many of the N edited facts (they are means over facts; every fact is edited).
-Scores: see `malmen_hf.metrics.SCORES`. LS compares with the unedited model's argmax, LS_acc with the dataset answer.
+Scores: see `malmen_hf.evaluation.metrics.SCORES`. LS compares with the unedited model's argmax, LS_acc with the
+dataset answer.
 
 Run from the repository root, on an otherwise idle machine (see `edit_speed.py` on threads):
 
@@ -37,11 +38,12 @@ from pathlib import Path
 import torch
 
 from malmen_hf import MalmenEditorModel, default_edit_modules, load_edit_requests, training_free_editor
-from malmen_hf.caching import frozen, per_fact_loss, rows_of_scored_tokens, scored_logits
+from malmen_hf.caching import frozen
+from malmen_hf.evaluation.metrics import SCORES, locality_predictions, scores_of_model
 from malmen_hf.facts import IGNORE_INDEX, batches_by_length, collate, pad_id_of, tokenize_edit_prompts
-from malmen_hf.metrics import SCORES, locality_predictions, scores_of_model
-from malmen_hf.models import load_model_and_tokenizer
-from malmen_hf.training import TRAINING_FREE_LOG_LAMBDA, TRAINING_FREE_LR
+from malmen_hf.offline_models import load_model_and_tokenizer
+from malmen_hf.scoring import per_fact_loss, rows_of_scored_tokens, scored_logits
+from malmen_hf.training.fitting import TRAINING_FREE_LOG_LAMBDA, TRAINING_FREE_LR
 
 from common import command_line, load_counterfact_requests, machine_info, markdown_table
 
@@ -185,7 +187,7 @@ def set_lr_and_lambda(editor: MalmenEditorModel, lr: float, log_lambda: float) -
     with torch.no_grad():
         for net in editor.nets.values():
             net.lr.fill_(lr)
-            net.lamda.fill_(log_lambda)
+            net.log_lambda.fill_(log_lambda)
 
 
 def resumed(results: dict, path: Path) -> dict:

@@ -24,8 +24,8 @@ from malmen_hf import (
     train_editor,
     training_free_editor,
 )
-from malmen_hf.metrics import edit_scores
-from malmen_hf.models import load_model_and_tokenizer
+from malmen_hf.evaluation.metrics import edit_scores
+from malmen_hf.offline_models import load_model_and_tokenizer
 
 from common import REPO_ROOT, command_line, load_counterfact_requests, machine_info, sweep_splits
 
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token-positions", default="target", choices=["target", "all", "subject_last"])
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--lr-init", type=float, default=1e-4)
-    parser.add_argument("--lambda-init", type=float, default=0.0)
+    parser.add_argument("--log-lambda-init", type=float, default=0.0)
     parser.add_argument("--covariance-weight", type=float, default=0.0, help="a: preserved keys' C0 per fact")
     parser.add_argument("--covariance-rank", type=int, default=128)
     parser.add_argument("--meta-lr", type=float, default=2e-4)
@@ -71,7 +71,8 @@ def edited_modules(args: argparse.Namespace) -> list[str]:
 
 def build_editor(model, args: argparse.Namespace) -> MalmenEditorModel:
     return MalmenEditorModel.for_model(
-        model, edit_modules=edited_modules(args), rank=args.rank, lr_init=args.lr_init, lambda_init=args.lambda_init,
+        model, edit_modules=edited_modules(args), rank=args.rank, lr_init=args.lr_init,
+        log_lambda_init=args.log_lambda_init,
         token_positions=args.token_positions, covariance_weight=args.covariance_weight,
         covariance_rank=args.covariance_rank,
     )  # fmt: skip
@@ -99,7 +100,7 @@ def training_free(model, tokenizer, train_facts, args: argparse.Namespace) -> Ma
     """The untrained editor with the run's layers, positions and covariance, fitted on 512 training facts."""
     return training_free_editor(
         model, tokenizer, train_facts[:512], edit_modules=edited_modules(args),
-        lr=args.lr_init, log_lambda=args.lambda_init, batch_size=args.batch_size,
+        lr=args.lr_init, log_lambda=args.log_lambda_init, batch_size=args.batch_size,
         token_positions=args.token_positions, covariance_weight=args.covariance_weight,
         covariance_rank=args.covariance_rank,
     )  # fmt: skip

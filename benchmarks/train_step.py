@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from malmen_hf import MalmenEditorModel, load_edit_requests
-from malmen_hf.models import load_model_and_tokenizer
-from malmen_hf.training import meta_gradient
+from malmen_hf.offline_models import load_model_and_tokenizer
+from malmen_hf.training.meta_gradient import meta_gradient
 
 from common import MB, REPO_ROOT, PeakMemory, command_line, machine_info, markdown_table, run_floor, sync
 

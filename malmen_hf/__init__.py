@@ -8,25 +8,25 @@ __version__ = "0.1.0"
 # Public name -> the submodule that defines it. Those submodules import torch and transformers (seconds), so they are
 # imported on the first use of any of these names (PEP 562): `import malmen_hf` and `malmen-hf --help` stay fast.
 _EXPORTS = {
-    "EditHandle": "editing",
+    "EditHandle": "edits",
     "EditRequest": "facts",
     "FORMATS": "data",
     "MalmenConfig": "configuration_malmen",
     "MalmenEditableMixin": "editing",
     "MalmenEditorModel": "modeling_malmen",
     "MalmenPreTrainedModel": "modeling_malmen",
-    "MalmenTrainingArguments": "training_args",
+    "MalmenTrainingArguments": "training.arguments",
     "apply_edits": "editing",
     "default_edit_modules": "layers",
-    "fit_key_covariance": "training",
-    "fit_normalizer": "training",
+    "fit_key_covariance": "training.fitting",
+    "fit_normalizer": "training.fitting",
     "least_squares_shift": "functional",
     "load_edit_requests": "data",
-    "load_edits": "artifacts",
-    "revert_edits": "editing",
+    "load_edits": "edits",
+    "revert_edits": "edits",
     "summed_shift": "functional",
-    "train_editor": "trainer",
-    "training_free_editor": "training",
+    "train_editor": "training.trainer",
+    "training_free_editor": "training.fitting",
     "value_differences": "functional",
 }
 

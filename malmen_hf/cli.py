@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .shipped import DEFAULT_EDITOR, resolve_editor
-from .training_args import MalmenTrainingArguments
+from .training.arguments import MalmenTrainingArguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
@@ -45,8 +45,8 @@ def demo(args: argparse.Namespace) -> None:
     import torch
 
     from . import EditRequest, load_edit_requests
-    from .metrics import greedy_answers, locality_predictions, scores_of_model
-    from .models import load_model_and_tokenizer
+    from .evaluation.metrics import greedy_answers, locality_predictions, scores_of_model
+    from .offline_models import load_model_and_tokenizer
 
     torch.manual_seed(0)
     counterfact = load_edit_requests(data, "counterfact", limit=args.num_facts) if data is not None else []
@@ -106,7 +106,7 @@ def _demo_editor(args: argparse.Namespace, model, tokenizer):
     settings = {key: value for key, value in (("lr", args.lr), ("log_lambda", args.log_lambda)) if value is not None}
     _status("Editor: training-free (fitting its normalizer on the CounterFact sample shipped with malmen-hf) ...")
     editor = training_free_editor(model, tokenizer, **settings, base_model_name_or_path=args.model)
-    _status(f"Editor: training-free, lr={editor.config.lr_init:g}, log lambda={editor.config.lambda_init:g}")
+    _status(f"Editor: training-free, lr={editor.config.lr_init:g}, log lambda={editor.config.log_lambda_init:g}")
     return editor
 
 
@@ -154,13 +154,13 @@ def _check_file(path: str | os.PathLike, what: str) -> Path:
 
 def _check_model(name_or_path: str) -> None:
     """A folder, a short name, or a Hub id that can be had: else a "model not found" error, before any slow work."""
-    from .models import OFFLINE_MODELS, check_source
+    from .offline_models import OFFLINE_MODELS, check_source
 
     check_source(name_or_path, "model", OFFLINE_MODELS)
 
 
 def _check_editor(name_or_path: str) -> None:
-    from .models import check_source
+    from .offline_models import check_source
     from .shipped import shipped_editors
 
     check_source(name_or_path, "editor", shipped_editors())
@@ -169,7 +169,7 @@ def _check_editor(name_or_path: str) -> None:
 
 
 def _check_scores(scores: list[str] | None) -> list[str]:
-    from .metrics import SCORES
+    from .evaluation.metrics import SCORES
 
     unknown = [name for name in scores or [] if name not in SCORES]
     if unknown:
@@ -186,7 +186,7 @@ def train(args: argparse.Namespace) -> None:
     if args.editor:
         _check_editor(args.editor)
     from . import MalmenEditorModel, load_edit_requests, train_editor
-    from .models import load_model_and_tokenizer
+    from .offline_models import load_model_and_tokenizer
 
     requests = load_edit_requests(args.data, args.format)
     if args.eval_data:
@@ -201,7 +201,7 @@ def train(args: argparse.Namespace) -> None:
     else:
         editor_options = {
             key: getattr(args, key)
-            for key in ("rank", "n_blocks", "lr_init", "lambda_init", "aggregation", "token_positions")
+            for key in ("rank", "n_blocks", "lr_init", "log_lambda_init", "aggregation", "token_positions")
         }
         editor = MalmenEditorModel.for_model(
             model, edit_modules=args.edit_modules, base_model_name_or_path=args.model, **editor_options
@@ -224,8 +224,8 @@ def evaluate_editor(args: argparse.Namespace) -> None:
     import torch
 
     from . import MalmenEditorModel, load_edit_requests
-    from .metrics import locality_predictions, scores_of_model
-    from .models import load_model_and_tokenizer
+    from .evaluation.metrics import locality_predictions, scores_of_model
+    from .offline_models import load_model_and_tokenizer
 
     torch.manual_seed(0)
     requests = load_edit_requests(args.data, args.format, limit=args.offset + args.num_facts)[args.offset :]
@@ -314,7 +314,7 @@ def _editor_folder(path: str) -> Path:
 
 
 def _write_card(output: Path, editor, results, editor_id, dataset, commands) -> None:
-    from .cards import editor_card
+    from .evaluation.cards import editor_card
 
     model_card = editor_card(editor, results, editor_id=editor_id, dataset=dataset, results_command=commands)
     temporary = output.with_name(f".{output.name}.tmp")
@@ -362,8 +362,8 @@ def edit(args: argparse.Namespace) -> None:
     _check_model(args.model)
     _check_editor(args.editor)
     from . import EditRequest, MalmenEditorModel, load_edit_requests
-    from .metrics import greedy_answers
-    from .models import load_model_and_tokenizer
+    from .evaluation.metrics import greedy_answers
+    from .offline_models import load_model_and_tokenizer
 
     requests = load_edit_requests(args.facts, args.format) if args.facts else []
     requests += [EditRequest(prompt, target) for prompt, target in args.fact or []]
@@ -451,6 +451,20 @@ def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="malmen-hf", description="MALMEN model editing for transformers models.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_demo, _add_train, _add_eval, _add_card, _add_edit, _add_push):
+        add_command(commands)
+    return parser
+
+
+def _add_format_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--format",
+        default="auto",
+        help="format of the data file: auto (detected from its keys) or a name in malmen_hf.FORMATS",
+    )
+
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo_parser = commands.add_parser("demo", help="edit a real model with CounterFact facts, show it, revert it")
     demo_parser.add_argument("--model", default="smollm2-135m", help="short name, local folder or Hub id")
     demo_parser.add_argument(
@@ -466,24 +480,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument("--show", type=int, default=5, help="CounterFact edits to print before/after")
     demo_parser.add_argument("--batch-size", type=int, default=32, help="facts per base-model pass")
     demo_parser.add_argument(
-        "--lr", type=float, help="training-free editor's lr (default: malmen_hf.training.TRAINING_FREE_LR)"
+        "--lr", type=float, help="training-free editor's lr (default: malmen_hf.training.fitting.TRAINING_FREE_LR)"
     )
     demo_parser.add_argument(
         "--log-lambda",
         type=float,
-        help="training-free editor's log ridge coefficient (default: malmen_hf.training.TRAINING_FREE_LOG_LAMBDA)",
+        help="training-free editor's log ridge coefficient (default: training.fitting.TRAINING_FREE_LOG_LAMBDA)",
     )
     demo_parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     demo_parser.set_defaults(run=demo)
 
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
     train_parser = commands.add_parser("train", help="meta-train an editor for a model on a data file")
     train_parser.add_argument("--model", required=True, help="short name, local folder or Hub id of the base model")
     train_parser.add_argument("--data", required=True, help="training facts (JSON or JSONL)")
-    train_parser.add_argument(
-        "--format",
-        default="auto",
-        help="format of the data file: auto (detected from its keys) or a name in malmen_hf.FORMATS",
-    )
+    _add_format_option(train_parser)
     train_parser.add_argument("--eval-data", help="held-out facts for validation (default: split off --data)")
     train_parser.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out")
     train_parser.add_argument("--editor", help="a saved editor to go on training (default: a new one)")
@@ -491,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--rank", type=int, default=1920, help="rank of the hyper-network blocks")
     train_parser.add_argument("--n-blocks", type=int, default=2, help="residual blocks per hyper-network")
     train_parser.add_argument("--lr-init", type=float, default=1e-6, help="initial per-layer lr")
-    train_parser.add_argument("--lambda-init", type=float, default=0.0, help="initial per-layer log ridge")
+    train_parser.add_argument("--log-lambda-init", type=float, default=0.0, help="initial per-layer log ridge")
     train_parser.add_argument("--aggregation", default="least_squares", choices=["least_squares", "sum"])
     train_parser.add_argument(
         "--token-positions",
@@ -503,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_arguments(train_parser)
     train_parser.set_defaults(run=train)
 
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
     eval_parser = commands.add_parser(
         "eval", help="score a model on N facts before and after editing them all at once with an editor"
     )
@@ -512,11 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a released editor's short name or a saved editor (folder or Hub id); without it the unedited model only",
     )
     eval_parser.add_argument("--data", default=str(DEFAULT_DATA), help="facts to edit (JSON or JSONL)")
-    eval_parser.add_argument(
-        "--format",
-        default="auto",
-        help="format of the data file: auto (detected from its keys) or a name in malmen_hf.FORMATS",
-    )
+    _add_format_option(eval_parser)
     eval_parser.add_argument("--num-facts", type=int, default=100, help="facts edited at once (N)")
     eval_parser.add_argument("--offset", type=int, default=0, help="records of the file to skip first")
     eval_parser.add_argument("--batch-size", type=int, default=32, help="facts per base-model pass")
@@ -524,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scores",
         nargs="+",
         metavar="SCORE",
-        help="scores to compute (default: all of malmen_hf.metrics.SCORES: ES GS LS ...; see the README's Metrics)",
+        help="scores to compute (default: all of evaluation.metrics.SCORES: ES GS LS ...; see the README's Metrics)",
     )
     eval_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     eval_parser.add_argument(
@@ -534,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     eval_parser.set_defaults(run=evaluate_editor)
 
+
+def _add_card(commands: argparse._SubParsersAction) -> None:
     card_parser = commands.add_parser("card", help="write the model card (README.md) of a saved editor")
     card_parser.add_argument("--editor", required=True, help="the saved editor folder (or a released editor's name)")
     card_parser.add_argument("--results", help="JSON from `malmen-hf eval --json` or benchmarks/quality.py")
@@ -545,6 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     card_parser.add_argument("--output", help="where to write the card (default: <editor>/README.md)")
     card_parser.set_defaults(run=card)
 
+
+def _add_edit(commands: argparse._SubParsersAction) -> None:
     edit_parser = commands.add_parser("edit", help="edit a model with facts, print the answers before and after, save")
     edit_parser.add_argument("--model", default="smollm2-135m", help="short name, local folder or Hub id")
     edit_parser.add_argument(
@@ -553,11 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a released editor's short name or a saved editor (folder or Hub id); default: %(default)s",
     )
     edit_parser.add_argument("--facts", help="facts to edit (JSON or JSONL, any format `train` reads)")
-    edit_parser.add_argument(
-        "--format",
-        default="auto",
-        help="format of the data file: auto (detected from its keys) or a name in malmen_hf.FORMATS",
-    )
+    _add_format_option(edit_parser)
     edit_parser.add_argument(
         "--fact", nargs=2, action="append", metavar=("PROMPT", "TARGET"), help="a fact to edit (repeatable)"
     )
@@ -568,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     edit_parser.set_defaults(run=edit)
 
+
+def _add_push(commands: argparse._SubParsersAction) -> None:
     push_parser = commands.add_parser("push", help="upload a saved editor or edit artifact to the Hugging Face Hub")
     what = push_parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--editor", help="a saved editor folder (its README.md card goes along, or one is rendered)")
@@ -579,7 +591,6 @@ def build_parser() -> argparse.ArgumentParser:
     push_parser.add_argument("--commit-message", help="message of the commit")
     push_parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push_parser.set_defaults(run=push)
-    return parser
 
 
 def busy_cores(interval: float = 0.25) -> float | None:

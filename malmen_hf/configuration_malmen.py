@@ -64,8 +64,9 @@ class MalmenConfig(PreTrainedConfig):
             Number of residual blocks per hyper-network. `0` makes the editor a fixed identity map.
         lr_init (`float`, defaults to 1e-6):
             Initial value of the per-layer learning rate that scales value differences.
-        lambda_init (`float`, defaults to 0.0):
-            Initial value of the per-layer log ridge coefficient: the normal equation adds `exp(lambda) * I`.
+        log_lambda_init (`float`, defaults to 0.0):
+            Initial value of the per-layer log ridge coefficient `log_lambda`: the normal equation adds
+            `exp(log_lambda) * I`. (Configs saved by malmen-hf 0.1 call it `lambda_init`; they still load.)
         aggregation (`str`, defaults to `"least_squares"`):
             `"least_squares"` (MALMEN's normal equation) or `"sum"` (MEND's sum of per-token updates).
         token_positions (`str`, defaults to `"target"`):
@@ -106,13 +107,18 @@ class MalmenConfig(PreTrainedConfig):
     rank: int = validated_field(_positive, default=1920)
     n_blocks: int = validated_field(_non_negative, default=2)
     lr_init: float | int = validated_field(_finite, default=1e-6)
-    lambda_init: float | int = validated_field(_finite, default=0.0)
+    log_lambda_init: float | int = validated_field(_finite, default=0.0)
     aggregation: Literal["least_squares", "sum"] = "least_squares"
     token_positions: Literal["target", "all", "subject_last"] = "target"
     covariance_weight: float | int = validated_field(_non_negative_number, default=0.0)
     covariance_rank: int = validated_field(_positive, default=128)
     normalizer_eps: float | int = validated_field(_positive, default=1e-5)
     training: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        if "lambda_init" in kwargs:  # its name in configs saved by malmen-hf 0.1
+            self.log_lambda_init = kwargs.pop("lambda_init")
+        super().__post_init__(**kwargs)
 
     def validate_edit_modules(self):
         """Part of `@strict`-powered validation: every edited module has exactly one shape."""

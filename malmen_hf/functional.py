@@ -15,6 +15,12 @@ def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
+def ridge_system(gram: torch.Tensor, log_lambda: torch.Tensor) -> torch.Tensor:
+    """`gram + exp(log_lambda) I`: the matrix of every ridge normal equation solved here, forward and backward."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return gram + torch.exp(log_lambda.to(gram.dtype)) * eye
+
+
 def least_squares_shift(gram: torch.Tensor, cross: torch.Tensor, log_lambda: torch.Tensor) -> torch.Tensor:
     """
     The ridge least-squares solution `S = (K^T K + exp(lambda) I)^-1 K^T D` of `K S ~= D`, in float32 (float64 if
@@ -29,9 +35,7 @@ def least_squares_shift(gram: torch.Tensor, cross: torch.Tensor, log_lambda: tor
         `torch.linalg.LinAlgError` if the system is not positive definite (e.g. it holds NaN or infinity).
     """
     gram, cross = at_least_float32(gram), at_least_float32(cross)
-    system = gram + torch.exp(log_lambda.to(gram.dtype)) * torch.eye(
-        gram.shape[0], dtype=gram.dtype, device=gram.device
-    )
+    system = ridge_system(gram, log_lambda)
     # K^T K + exp(lambda) I is symmetric positive definite: Cholesky is the stable, cheap way to solve it.
     factor, info = torch.linalg.cholesky_ex(system)
     if info == 0:
@@ -55,9 +59,7 @@ def dual_least_squares_shift(keys: torch.Tensor, diffs: torch.Tensor, log_lambda
         log_lambda (`torch.Tensor`): scalar, the log of the ridge coefficient.
     """
     keys, diffs = at_least_float32(keys), at_least_float32(diffs)
-    system = keys @ keys.T + torch.exp(log_lambda.to(keys.dtype)) * torch.eye(
-        keys.shape[0], dtype=keys.dtype, device=keys.device
-    )
+    system = ridge_system(keys @ keys.T, log_lambda)
     factor, info = torch.linalg.cholesky_ex(system)
     if info == 0:
         return keys.T @ torch.cholesky_solve(diffs, factor)

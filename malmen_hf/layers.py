@@ -1,6 +1,7 @@
 """Finding and shifting the linear layers MALMEN edits, whatever the architecture."""
 
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -89,3 +90,49 @@ def shifted_weight(module: nn.Module, shift: torch.Tensor) -> torch.Tensor:
     weight = module.weight
     delta = shift if isinstance(module, Conv1D) else shift.T
     return (at_least_float32(weight.detach()) + delta.to(weight.device)).to(weight.dtype)
+
+
+def edited_modules(editor: nn.Module, model: nn.Module) -> dict[str, nn.Module]:
+    """The model's edited modules, after checking they exist, are linear, and have the shapes the editor expects."""
+    check_materialized(model)
+    modules = {}
+    for name, expected in zip(editor.config.edit_modules, editor.config.edit_module_shapes, strict=True):
+        module = get_edit_module(model, name)
+        if list(weight_shape(module)) != list(expected):
+            raise ValueError(
+                f"Module {name!r} has shape (d_in, d_out) = {weight_shape(module)} but this editor was built for "
+                f"{tuple(expected)}: it belongs to another model. Build one for this model with "
+                "`MalmenEditorModel.for_model(model)`."
+            )
+        modules[name] = module
+    if not modules:
+        raise ValueError("This editor edits no modules: its config has an empty `edit_modules`.")
+    _warn_if_other_base_model(editor, model)
+    return modules
+
+
+def check_materialized(model: nn.Module) -> None:
+    """A model loaded without its weights (on the meta device) can be neither run nor shifted."""
+    if any(param.is_meta for param in model.parameters()):
+        raise ValueError(
+            "The model has weights on the meta device (created without loading them, e.g. under "
+            "`init_empty_weights()` or with `device_map` offloading): load it with its weights on a real device "
+            "(`from_pretrained(..., device_map=None)`) before editing it. Nothing was changed."
+        )
+
+
+def _warn_if_other_base_model(editor: nn.Module, model: nn.Module) -> None:
+    """The shapes match (checked above), but an editor's quality is only known for the model it was trained for."""
+    expected = editor.config.base_model_name_or_path
+    actual = getattr(model.config, "_name_or_path", None)
+    if expected and actual and _short_name(expected) != _short_name(actual):
+        warnings.warn(
+            f"This editor was made for {expected!r} but is editing {actual!r}. The layer shapes match, so the edit "
+            "runs, but how well the editor works is only known for its own base model.",
+            stacklevel=4,
+        )
+
+
+def _short_name(name_or_path: str) -> str:
+    """`org/Model`, `/cache/model` and `model` name the same model here (a Hub id, its local copy, a short name)."""
+    return name_or_path.rstrip("/").rsplit("/", 1)[-1].lower()

@@ -1,13 +1,14 @@
 """The MALMEN editor: hyper-networks that turn a base model's keys and value gradients into pseudo pairs."""
 
 import importlib
+import inspect
 import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from huggingface_hub import HfApi
@@ -16,15 +17,10 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 
 from .configuration_malmen import MalmenConfig
-from .editing import EditHandle, apply_edits, attach_editor
-from .facts import FactLike
-from .functional import value_differences
+from .editing import apply_edits, attach_editor
 from .layers import default_edit_modules, get_edit_module, weight_shape
 from .saving import atomic_directory
 from .shipped import resolve_editor
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 
 class MalmenNormalizer(nn.Module):
@@ -127,7 +123,7 @@ class MalmenNet(nn.Module):
         self.normalizer = MalmenNormalizer(size, config.normalizer_eps)
         self.blocks = nn.ModuleList(MalmenBlock(size, config.rank, num_layers) for _ in range(config.n_blocks))
         self.lr = nn.Parameter(torch.empty(num_layers))
-        self.lamda = nn.Parameter(torch.empty(num_layers))  # log of the ridge coefficient ("lambda" is a keyword)
+        self.log_lambda = nn.Parameter(torch.empty(num_layers))  # the log of the ridge coefficient
 
     def forward(
         self, keys: torch.Tensor, value_grads: torch.Tensor, layer_index: int
@@ -179,7 +175,7 @@ class MalmenPreTrainedModel(PreTrainedModel):
                 init.zeros_(buffer)
         elif isinstance(module, MalmenNet):
             init.constant_(module.lr, self.config.lr_init)
-            init.constant_(module.lamda, self.config.lambda_init)
+            init.constant_(module.log_lambda, self.config.log_lambda_init)
 
 
 class MalmenEditorModel(MalmenPreTrainedModel):
@@ -234,7 +230,7 @@ class MalmenEditorModel(MalmenPreTrainedModel):
                 Names of the `nn.Linear` / `Conv1D` layers to edit. Defaults to the MLP output projections of the last
                 blocks, chosen per architecture family (see [`default_edit_modules`]).
             config_kwargs:
-                Further [`MalmenConfig`] fields (`rank`, `n_blocks`, `lr_init`, `lambda_init`, `aggregation`, ...).
+                Further [`MalmenConfig`] fields (`rank`, `n_blocks`, `lr_init`, `log_lambda_init`, `aggregation`, ...).
         """
         names = list(edit_modules) if edit_modules is not None else default_edit_modules(model)
         shapes = [list(weight_shape(get_edit_module(model, name))) for name in names]
@@ -253,6 +249,7 @@ class MalmenEditorModel(MalmenPreTrainedModel):
         be initialized afresh with only a log line).
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        kwargs["key_mapping"] = {**_RENAMED_WEIGHTS, **(kwargs.get("key_mapping") or {})}
         editor, info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
@@ -271,10 +268,15 @@ class MalmenEditorModel(MalmenPreTrainedModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """
-        [`~PreTrainedModel.save_pretrained`], plus a model card (`README.md`, see `malmen_hf.cards`) when the folder
-        has none yet and malmen-hf is installed (an existing card, e.g. one with results, is kept). The folder is
-        written aside and put in place in one step: a failed or killed save leaves the previous one as it was.
+        [`~PreTrainedModel.save_pretrained`], plus a model card (`README.md`, see `malmen_hf.evaluation.cards`) when
+        the folder has none yet and malmen-hf is installed (an existing card, e.g. one with results, is kept). The
+        folder is written aside and put in place in one step: a failed or killed save leaves the previous one as it
+        was.
         """
+        if _SAVES_ORIGINAL_FORMAT:
+            # transformers would save a loaded editor under the names it was renamed from (`_RENAMED_WEIGHTS`): an
+            # editor is always saved under this version's names.
+            kwargs.setdefault("save_original_format", False)
         if not kwargs.get("is_main_process", True):
             super().save_pretrained(save_directory, *args, **kwargs)  # writes nothing on other processes
             return
@@ -309,7 +311,8 @@ class MalmenEditorModel(MalmenPreTrainedModel):
             revision (`str`, *optional*): The branch to push to.
             create_pr (`bool`, defaults to `False`): Open a pull request instead of committing to the branch.
             model_card (`huggingface_hub.ModelCard`, *optional*): The card to upload; by default the one
-                `malmen_hf.cards.editor_card` renders for `repo_id` (with results when `config.training` has them).
+                `malmen_hf.evaluation.cards.editor_card` renders for `repo_id` (with results when `config.training`
+                has them).
 
         Returns:
             `huggingface_hub.CommitInfo`: the commit (or pull request) made.
@@ -351,73 +354,18 @@ class MalmenEditorModel(MalmenPreTrainedModel):
         net, layer_index = self.net_for(module_name)
         return net(keys, value_grads, layer_index)
 
-    def value_differences(self, keys: torch.Tensor, value_grads: torch.Tensor, module_name: str) -> torch.Tensor:
-        """The value difference `-lr[m] <k, k~> g~` of each token, for the least-squares aggregation."""
-        net, layer_index = self.net_for(module_name)
-        pseudo_keys, pseudo_value_grads = net(keys, value_grads, layer_index)
-        return value_differences(keys, pseudo_keys, pseudo_value_grads, net.lr[layer_index])
-
-    def apply_edits(
-        self,
-        model: PreTrainedModel,
-        facts: Iterable[FactLike],
-        *,
-        tokenizer: "PreTrainedTokenizerBase",
-        batch_size: int = 32,
-        editor_batch_size: int = 1024,
-        progress: bool = False,
-        keep_shifts: bool = True,
-    ) -> EditHandle:
-        """
-        Edits `model` in place so that it answers each fact's prompt with its target, with one least-squares (or
-        summed) weight shift per edited layer.
-
-        Args:
-            model ([`PreTrainedModel`]):
-                A causal or seq2seq language model with the layers this editor was built for.
-            facts (iterable of [`EditRequest`], `dict` or `(prompt, target)` pairs):
-                The facts to write into the model.
-            tokenizer ([`PreTrainedTokenizerBase`]):
-                The base model's tokenizer.
-            batch_size (`int`, defaults to 32):
-                Facts per forward/backward pass of the base model. Does not change the result.
-            editor_batch_size (`int`, defaults to 1024):
-                Token positions per pass of the hyper-network. Does not change the result.
-            progress (`bool`, defaults to `False`):
-                Show a progress bar over the base-model batches.
-            keep_shifts (`bool`, defaults to `True`):
-                Keep the weight shifts on the handle, so that `handle.save(folder)` can write them (they take as
-                much memory as the edited weights in float32: turn it off for very large edited layers).
-
-        Returns:
-            [`EditHandle`]: what changed (modules, shift norms, number of facts and tokens, timings); its `revert()`
-            restores the weights bit for bit. Nothing is changed when an error is raised.
-        """
-        return apply_edits(
-            self,
-            model,
-            facts,
-            tokenizer=tokenizer,
-            batch_size=batch_size,
-            editor_batch_size=editor_batch_size,
-            progress=progress,
-            keep_shifts=keep_shifts,
-        )
-
-    def attach(self, model: PreTrainedModel, tokenizer: "PreTrainedTokenizerBase") -> PreTrainedModel:
-        """
-        Gives `model` the methods `apply_edits(facts, ...)`, `revert_edits()` and `detach_editor()`, backed by this
-        editor and `tokenizer`. The model keeps its class name, so `model.save_pretrained` is unaffected.
-
-        Returns:
-            The same `model` object.
-        """
-        return attach_editor(model, self, tokenizer)
+    # The functional forms, as methods: `editor.apply_edits(model, facts, tokenizer=...)`, `editor.attach(model,
+    # tokenizer)` (one signature and one docstring each, in editing.py).
+    apply_edits = apply_edits
+    attach = attach_editor
 
 
 __all__ = ["MalmenEditorModel", "MalmenPreTrainedModel"]
 
 _LOAD_PROBLEMS = ("missing_keys", "unexpected_keys", "mismatched_keys")
+# Weights saved by malmen-hf 0.1 under older names, and their names now.
+_RENAMED_WEIGHTS = {"lamda": "log_lambda"}
+_SAVES_ORIGINAL_FORMAT = "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters
 # Weight files a previous save may have left under other names (shards): a new save replaces them all.
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
@@ -425,7 +373,9 @@ _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bi
 def _editor_card(editor: MalmenEditorModel, editor_id: str) -> Any:
     """The editor's model card, or `None` where malmen-hf is not installed (this file loaded as Hub remote code)."""
     try:
-        cards = importlib.import_module("malmen_hf.cards")  # not a relative import: remote code does not copy it
+        cards = importlib.import_module(
+            "malmen_hf.evaluation.cards"
+        )  # not a relative import: remote code does not copy it
     except ImportError:
         return None
     return cards.editor_card(editor, editor_id=editor_id)

@@ -5,6 +5,7 @@ folder is never seen half-written.
 
 import contextlib
 import ctypes
+import hashlib
 import os
 import shutil
 import tempfile
@@ -90,3 +91,12 @@ def _libc() -> ctypes.CDLL | None:
         return ctypes.CDLL(None, use_errno=True)
     except OSError:  # Windows: no C library to open this way
         return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

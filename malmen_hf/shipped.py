@@ -3,7 +3,8 @@ What ships inside the package: the editors released with malmen-hf, by short nam
 
 The editors live in the repository's `editors/` folder, their one home: a wheel (or `pip install git+...`) installs
 that folder as `malmen_hf/editors`, and a checkout or editable install reads it in place. So a released editor loads
-by its short name wherever malmen-hf is installed, as a base model loads by its short name (see `malmen_hf.models`):
+by its short name wherever malmen-hf is installed, as a base model loads by its short name (see
+`malmen_hf.offline_models`):
 
 ```python
 >>> from malmen_hf import MalmenEditorModel

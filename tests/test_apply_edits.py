@@ -20,7 +20,7 @@ def family_of(model) -> str:
 
 def untrained_editor(model, **kwargs):
     lr, log_lambda = TRAINING_FREE[family_of(model)]
-    kwargs = {"rank": 8, "lr_init": lr, "lambda_init": log_lambda, **kwargs}
+    kwargs = {"rank": 8, "lr_init": lr, "log_lambda_init": log_lambda, **kwargs}
     return MalmenEditorModel.for_model(model, **kwargs)
 
 
@@ -97,7 +97,7 @@ def reference_keys_and_grads(model, tokenizer, facts, module_name):
 def test_shift_matches_independent_least_squares(model_and_tokenizer, facts, device):
     model, tokenizer = model_and_tokenizer
     model.to(device)
-    editor = untrained_editor(model, lambda_init=-1.0).to(device)
+    editor = untrained_editor(model, log_lambda_init=-1.0).to(device)
     deltas = edit_deltas(editor, model, tokenizer, facts)
 
     for name in editor.config.edit_modules:
@@ -106,7 +106,7 @@ def test_shift_matches_independent_least_squares(model_and_tokenizer, facts, dev
         # An untrained editor is the identity: the value difference of each token is -lr |k|^2 g.
         diffs = -lr * keys.square().sum(-1, keepdim=True) * grads
         ridge_rows = (
-            torch.exp(torch.tensor(editor.config.lambda_init / 2)).double() * torch.eye(keys.shape[1]).double()
+            torch.exp(torch.tensor(editor.config.log_lambda_init / 2)).double() * torch.eye(keys.shape[1]).double()
         )
         zeros = torch.zeros(keys.shape[1], grads.shape[1]).double()
         expected = torch.linalg.lstsq(torch.cat([keys, ridge_rows]), torch.cat([diffs, zeros])).solution
@@ -120,13 +120,15 @@ def test_shift_with_more_tokens_than_key_features_matches_least_squares(gpt2, fa
     """apply_edits solves the n x n system of the tokens while they are fewer than d_in, then sums K^T K and K^T D."""
     model, tokenizer = gpt2
     many = [(f"{copy} {prompt}", target) for copy in range(20) for prompt, target in facts]
-    editor = untrained_editor(model, lambda_init=-1.0)
+    editor = untrained_editor(model, log_lambda_init=-1.0)
     deltas = edit_deltas(editor, model, tokenizer, many, editor_batch_size=16)
     for name in editor.config.edit_modules:
         keys, grads = reference_keys_and_grads(model, tokenizer, many, name)
         assert keys.shape[0] > keys.shape[1]
         diffs = -editor.config.lr_init * keys.square().sum(-1, keepdim=True) * grads
-        system = keys.T @ keys + torch.exp(torch.tensor(editor.config.lambda_init)).double() * torch.eye(keys.shape[1])
+        system = keys.T @ keys + torch.exp(torch.tensor(editor.config.log_lambda_init)).double() * torch.eye(
+            keys.shape[1]
+        )
         expected = torch.linalg.solve(system, keys.T @ diffs)
         assert_close_at_scale(deltas[f"{name}.weight"].double(), expected)
 

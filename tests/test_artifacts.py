@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from malmen_hf import EditRequest, MalmenEditorModel, load_edits
-from malmen_hf.artifacts import tensor_sha256
+from malmen_hf.edits import tensor_sha256
 from tests.conftest import assert_bit_identical, snapshot
 
 FACTS = [
@@ -204,7 +204,7 @@ def test_a_failed_save_keeps_the_previous_artifact(edited, monkeypatch):
     model, fresh, handle, folder = edited
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
     monkeypatch.setattr(
-        "malmen_hf.artifacts.save_file", lambda *args, **kwargs: (_ for _ in ()).throw(OSError("disk full"))
+        "malmen_hf.edits.save_file", lambda *args, **kwargs: (_ for _ in ()).throw(OSError("disk full"))
     )
     with pytest.raises(OSError, match="disk full"):
         handle.save(folder)

@@ -7,7 +7,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from malmen_hf import MalmenConfig, MalmenEditorModel
-from malmen_hf.cards import editor_card
+from malmen_hf.evaluation.cards import editor_card
 
 RESULTS = [{"n": 1, "ES": 1.0, "GS": 0.5, "LS": 0.875}, {"n": 100, "ES": 0.91, "GS": 0.25, "LS": None}]
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from malmen_hf import EditRequest, MalmenEditorModel
+from malmen_hf.evaluation.metrics import edit_scores, greedy_answers, token_accuracy
 from malmen_hf.facts import CLASSIFIER_LABELS, model_kind, tokenize_examples
-from malmen_hf.metrics import edit_scores, greedy_answers, token_accuracy
-from malmen_hf.training import meta_gradient
+from malmen_hf.training.meta_gradient import meta_gradient
 from tests import tiny
 from tests.test_training import grad_or_zero, random_editor
 
@@ -86,7 +86,7 @@ def test_least_squares_shift_matches_a_direct_lstsq(bert):
     model, tokenizer = bert
     model.double()
     lr, log_lambda = 0.3, -1.0
-    editor = MalmenEditorModel.for_model(model, n_blocks=0, lr_init=lr, lambda_init=log_lambda).double()
+    editor = MalmenEditorModel.for_model(model, n_blocks=0, lr_init=lr, log_lambda_init=log_lambda).double()
     modules = {name: model.get_submodule(name) for name in editor.config.edit_modules}
     before = {name: module.weight.detach().clone() for name, module in modules.items()}
     cached = per_fact_keys_and_grads(model, tokenizer, modules, CLAIMS)
@@ -116,7 +116,7 @@ def test_an_edit_flips_the_labels_and_reverts_bit_for_bit(bert):
         for prompt, answer in zip(prompts, greedy_answers(model, tokenizer, prompts), strict=True)
     ]
     # The tiny BERT's gradients are small (they pass a LayerNorm): a large lr makes the step big enough.
-    editor = MalmenEditorModel.for_model(model, n_blocks=0, lr_init=1000.0, lambda_init=-4.0)
+    editor = MalmenEditorModel.for_model(model, n_blocks=0, lr_init=1000.0, log_lambda_init=-4.0)
     assert token_accuracy(model, tokenizer, prompts, [r.target for r in flipped]) == [0.0] * 3
     scores = edit_scores(editor, model, tokenizer, flipped)
     assert scores["ES"] == 1.0
@@ -137,7 +137,7 @@ def reference_meta_gradient(editor, model, tokenizer, requests):
         net, index = editor.net_for(name)
         pseudo_keys, pseudo_grads = net(keys, value_grads, index)
         diffs = -net.lr[index] * (keys * pseudo_keys).sum(-1, keepdim=True) * pseudo_grads
-        system = keys.T @ keys + torch.exp(net.lamda[index]) * torch.eye(keys.shape[1], dtype=keys.dtype)
+        system = keys.T @ keys + torch.exp(net.log_lambda[index]) * torch.eye(keys.shape[1], dtype=keys.dtype)
         params[f"{name}.weight"] = modules[name].weight.detach() + torch.linalg.solve(system, keys.T @ diffs).T
 
     def logit(prompt, weights):

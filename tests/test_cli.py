@@ -9,7 +9,7 @@ from huggingface_hub import ModelCard
 
 from malmen_hf import EditRequest, MalmenEditorModel, load_edit_requests
 from malmen_hf.cli import DEMO_SCORES, HAND_WRITTEN_FACTS, busy_cores, main, wait_passively_when_busy
-from malmen_hf.metrics import SCORES, edit_scores, locality_predictions, scores_of_model
+from malmen_hf.evaluation.metrics import SCORES, edit_scores, locality_predictions, scores_of_model
 from tests import tiny
 
 RECORDS = [
@@ -202,7 +202,7 @@ def _no_slow_work(monkeypatch):
     def load(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr("malmen_hf.models.load_model_and_tokenizer", load)
+    monkeypatch.setattr("malmen_hf.offline_models.load_model_and_tokenizer", load)
 
 
 @pytest.mark.parametrize(
@@ -220,7 +220,7 @@ def _no_slow_work(monkeypatch):
 def test_bad_paths_and_names_fail_at_once_with_not_found(saved, monkeypatch, capsys, arguments, message):
     folder, _, _ = saved
     _no_slow_work(monkeypatch)
-    monkeypatch.setattr("malmen_hf.models.hub_is_reachable", lambda: False)  # offline: no Hub retries
+    monkeypatch.setattr("malmen_hf.offline_models.hub_is_reachable", lambda: False)  # offline: no Hub retries
     command, *options = arguments
     defaults = {"--model": str(folder / "model"), "--data": str(folder / "cf.json")}
     if command == "edit":
@@ -300,7 +300,7 @@ def test_card_results_merge_by_dataset_and_n(saved, capsys):
 def test_demo_training_free_is_the_library_definition(saved, tiny_short_names, capsys):
     """The demo's training-free editor is `training_free_editor` with its defaults (the quality benchmark's)."""
     from malmen_hf import training_free_editor
-    from malmen_hf.training import TRAINING_FREE_LOG_LAMBDA, TRAINING_FREE_LR
+    from malmen_hf.training.fitting import TRAINING_FREE_LOG_LAMBDA, TRAINING_FREE_LR
 
     folder, _, _ = saved
     model, tokenizer = tiny_short_names  # a Llama: the shipped CounterFact sample is longer than GPT-2's positions
@@ -308,7 +308,7 @@ def test_demo_training_free_is_the_library_definition(saved, tiny_short_names, c
     output = json.loads(capsys.readouterr().out)
     editor = training_free_editor(model, tokenizer)
     assert (TRAINING_FREE_LR, TRAINING_FREE_LOG_LAMBDA) == (1e-3, 2)
-    assert (editor.config.lr_init, editor.config.lambda_init) == (TRAINING_FREE_LR, TRAINING_FREE_LOG_LAMBDA)
+    assert (editor.config.lr_init, editor.config.log_lambda_init) == (TRAINING_FREE_LR, TRAINING_FREE_LOG_LAMBDA)
     requests = load_edit_requests(folder / "cf.json") + [EditRequest(*fact) for fact in HAND_WRITTEN_FACTS]
     assert output["after"] == pytest.approx(edit_scores(editor, model, tokenizer, requests, scores=list(DEMO_SCORES)))
 
@@ -343,7 +343,7 @@ def test_torch_threads_wait_passively_only_when_other_processes_keep_a_core_busy
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="measures busy cores from /proc/stat")
 def test_beside_a_busy_neighbour_the_command_line_sets_the_passive_policy_before_torch_loads(tmp_path):
-    """A process spinning on one core is seen, and a fresh CLI process says it chose PASSIVE before torch is imported."""
+    """A process spinning on one core is seen; a fresh CLI process says it chose PASSIVE before torch is imported."""
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)

@@ -13,7 +13,8 @@ from malmen_hf import (
     train_editor,
     training_free_editor,
 )
-from malmen_hf.training import covariance_texts, meta_gradient
+from malmen_hf.training.fitting import covariance_texts
+from malmen_hf.training.meta_gradient import meta_gradient
 from tests import tiny
 from tests.conftest import FACTS, assert_bit_identical, snapshot
 from tests.test_apply_edits import assert_close_at_scale, edit_deltas, reference_keys_and_grads, untrained_editor
@@ -73,7 +74,7 @@ def test_a_low_rank_covariance_keeps_the_leading_eigenvectors_and_a_floor(gpt2):
 def test_shift_solves_the_normal_equation_with_the_covariance(_built, family):
     model, tokenizer = _built[family]
     model = copy.deepcopy(model)
-    editor = fitted_editor(model, tokenizer, lambda_init=-1.0)
+    editor = fitted_editor(model, tokenizer, log_lambda_init=-1.0)
     deltas = edit_deltas(editor, model, tokenizer, FACTS)
     assert deltas.keys() == {f"{name}.weight" for name in editor.config.edit_modules}
     for name in editor.config.edit_modules:
@@ -96,9 +97,9 @@ def test_the_covariance_moves_the_shift_off_the_preserved_keys(gpt2):
         shift = edit_deltas(editor, model, tokenizer, FACTS)[f"{name}.weight"].double()
         return float(torch.trace(shift.T @ covariance @ shift))
 
-    changes = [change_on_preserved_keys(untrained_editor(model, lambda_init=-1.0))]
+    changes = [change_on_preserved_keys(untrained_editor(model, log_lambda_init=-1.0))]
     changes += [
-        change_on_preserved_keys(fitted_editor(model, tokenizer, lambda_init=-1.0, covariance_weight=weight))
+        change_on_preserved_keys(fitted_editor(model, tokenizer, log_lambda_init=-1.0, covariance_weight=weight))
         for weight in (1.0, 10.0)
     ]
     assert changes[0] > changes[1] > changes[2] and changes[2] < 0.5 * changes[0]

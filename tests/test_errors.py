@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from malmen_hf import EditRequest, MalmenConfig, MalmenEditorModel, editing
+from malmen_hf import EditRequest, MalmenConfig, MalmenEditorModel, edits
 from tests import tiny
 from tests.conftest import assert_bit_identical, snapshot
 
@@ -110,7 +110,9 @@ def test_editor_of_a_non_linear_module(setup):
         MalmenEditorModel(config).apply_edits(model, [("a", "b")], tokenizer=tokenizer)
 
 
-@pytest.mark.parametrize(("parameter", "value"), [("lr", float("nan")), ("lr", float("inf")), ("lamda", float("nan"))])
+@pytest.mark.parametrize(
+    ("parameter", "value"), [("lr", float("nan")), ("lr", float("inf")), ("log_lambda", float("nan"))]
+)
 def test_non_finite_solve(setup, facts, parameter, value):
     model, tokenizer, editor = setup
     with torch.no_grad():
@@ -130,7 +132,7 @@ def test_failure_while_caching(setup):
 def test_failure_while_applying_restores_the_first_layers(setup, facts, monkeypatch):
     model, tokenizer, editor = setup
     calls = []
-    real_shifted_weight = editing.shifted_weight
+    real_shifted_weight = edits.shifted_weight
 
     def fail_on_second_layer(module, shift):
         calls.append(module)
@@ -138,7 +140,7 @@ def test_failure_while_applying_restores_the_first_layers(setup, facts, monkeypa
             raise RuntimeError("out of memory (simulated)")
         return real_shifted_weight(module, shift)
 
-    monkeypatch.setattr(editing, "shifted_weight", fail_on_second_layer)
+    monkeypatch.setattr(edits, "shifted_weight", fail_on_second_layer)
     with pytest.raises(RuntimeError, match="simulated"):
         editor.apply_edits(model, facts, tokenizer=tokenizer)
     assert len(calls) == 2
@@ -175,7 +177,7 @@ def test_an_infinite_lambda_warns_that_nothing_changed(gpt2, facts):
     model, tokenizer = gpt2
     editor = MalmenEditorModel.for_model(model, rank=4, lr_init=1.0)
     with torch.no_grad():
-        editor.nets["128x32"].lamda[1] = float("inf")
+        editor.nets["128x32"].log_lambda[1] = float("inf")
     with pytest.warns(UserWarning, match=r"left the weights of \['transformer.h.1.mlp.c_proj'\] unchanged") as caught:
         editor.apply_edits(model, facts, tokenizer=tokenizer)
     assert len([w for w in caught if "unchanged" in str(w.message)]) == 1

@@ -21,7 +21,7 @@ import torch
 from tqdm import std as tqdm_std
 
 from malmen_hf import MalmenEditorModel, load_edits
-from malmen_hf.checkpoints import checkpoint_folder, complete_checkpoints, load_checkpoint, save_checkpoint
+from malmen_hf.training.checkpoints import checkpoint_folder, complete_checkpoints, load_checkpoint, save_checkpoint
 from tests.conftest import FACTS, snapshot
 from tests.test_modeling import trained_looking_editor
 from tests.test_trainer import fresh_accelerate, run  # noqa: F401 (fresh_accelerate: the fixture, used below)

@@ -49,7 +49,7 @@ def test_the_wheel_ships_the_released_editor_and_loads_it_by_short_name(venv, tm
     script = f"""
 import json, malmen_hf
 from malmen_hf import MalmenEditorModel
-from malmen_hf.cards import template_path
+from malmen_hf.evaluation.cards import template_path
 from malmen_hf.shipped import COUNTERFACT_SAMPLE, shipped_editors
 
 editor = MalmenEditorModel.from_pretrained({DEFAULT_EDITOR!r})

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from malmen_hf import EditRequest, MalmenEditorModel
-from malmen_hf.facts import model_kind, pad_id_of, tokenize_examples
-from malmen_hf.metrics import (
+from malmen_hf.evaluation.metrics import (
     SCORES,
     agreement,
     edit_scores,
@@ -18,6 +17,7 @@ from malmen_hf.metrics import (
     token_accuracy,
     token_match_scores,
 )
+from malmen_hf.facts import model_kind, pad_id_of, tokenize_examples
 
 PROMPTS, TARGETS = ["The capital of France is", "Apple was founded by"], ["Paris, France", "Steve Jobs"]
 

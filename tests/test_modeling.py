@@ -42,13 +42,13 @@ def test_one_net_per_shape_shared_by_layers():
 
 
 def test_fresh_editor_is_the_identity():
-    editor = MalmenEditorModel.for_model(tiny.gpt2_model(64), rank=4, lr_init=0.5, lambda_init=-1.0)
+    editor = MalmenEditorModel.for_model(tiny.gpt2_model(64), rank=4, lr_init=0.5, log_lambda_init=-1.0)
     keys, grads = torch.randn(5, 128), torch.randn(5, 32)
     pseudo_keys, pseudo_grads = editor(keys, grads, "transformer.h.0.mlp.c_proj")
     torch.testing.assert_close(pseudo_keys, keys)
     torch.testing.assert_close(pseudo_grads, grads)
     assert editor.nets["128x32"].lr.tolist() == [0.5, 0.5]
-    assert editor.nets["128x32"].lamda.tolist() == [-1.0, -1.0]
+    assert editor.nets["128x32"].log_lambda.tolist() == [-1.0, -1.0]
 
 
 def test_save_and_load_round_trip_bit_exact(tmp_path):
@@ -65,6 +65,27 @@ def test_save_and_load_round_trip_bit_exact(tmp_path):
     for name, tensor in reloaded.state_dict().items():
         assert tensor.dtype == saved[name].dtype and torch.equal(tensor, saved[name]), name
     assert set(load_file(tmp_path / "model.safetensors")) == set(saved)
+
+
+def test_an_editor_saved_under_the_old_names_of_log_lambda_loads(tmp_path):
+    """malmen-hf 0.1 saved `log_lambda_init` as `lambda_init` in config.json and `log_lambda` as `lamda` weights."""
+    editor = trained_looking_editor(log_lambda_init=-1.5)
+    editor.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["lambda_init"] = config.pop("log_lambda_init")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    weights = {name.replace(".log_lambda", ".lamda"): tensor for name, tensor in editor.state_dict().items()}
+    save_file(weights, tmp_path / "model.safetensors", {"format": "pt"})
+    reloaded = MalmenEditorModel.from_pretrained(tmp_path)
+    assert reloaded.config.log_lambda_init == -1.5 and not hasattr(reloaded.config, "lambda_init")
+    for name, tensor in editor.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    # Saved again, it is saved under the new names, and loads again.
+    reloaded.save_pretrained(tmp_path / "again")
+    assert set(load_file(tmp_path / "again" / "model.safetensors")) == set(editor.state_dict())
+    assert "lambda_init" not in json.loads((tmp_path / "again" / "config.json").read_text())
+    for name, tensor in MalmenEditorModel.from_pretrained(tmp_path / "again").state_dict().items():
+        assert torch.equal(tensor, editor.state_dict()[name]), name
 
 
 @pytest.mark.parametrize(
@@ -216,7 +237,7 @@ def test_unknown_architecture_asks_for_names():
         ({"aggregation": "mean"}, "aggregation"),
         ({"token_positions": "prompt"}, "token_positions"),
         ({"lr_init": float("nan")}, "lr_init"),
-        ({"lambda_init": float("inf")}, "lambda_init"),
+        ({"log_lambda_init": float("inf")}, "log_lambda_init"),
         ({"edit_modules": ["a", "a"], "edit_module_shapes": [[1, 2], [1, 2]]}, "edit_modules"),
         ({"edit_modules": ["a"], "edit_module_shapes": [[1, 0]]}, "edit_module_shapes"),
         ({"edit_modules": ["a"], "edit_module_shapes": []}, "edit_module_shapes"),

@@ -56,7 +56,7 @@ def built(family, dtype):
         tokenizer = build_tokenizer()
         model = build_model(len(tokenizer)).to(dtype)
         lr, log_lambda = TRAINING_FREE[family]
-        editor = MalmenEditorModel.for_model(model, rank=4, lr_init=lr, lambda_init=log_lambda)
+        editor = MalmenEditorModel.for_model(model, rank=4, lr_init=lr, log_lambda_init=log_lambda)
         _BUILT[family, dtype] = model, tokenizer, editor
     return _BUILT[family, dtype]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from malmen_hf import EditRequest, MalmenEditorModel
-from malmen_hf.models import load_model_and_tokenizer
+from malmen_hf.offline_models import load_model_and_tokenizer
 from tests.conftest import assert_bit_identical, snapshot
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def test_edit_and_revert_smollm2(smollm2, counterfact_facts, dtype):
 
 def test_the_shipped_editor_edits_and_reverts_smollm2(smollm2):
     from malmen_hf.cli import HAND_WRITTEN_FACTS
-    from malmen_hf.metrics import edit_scores
+    from malmen_hf.evaluation.metrics import edit_scores
 
     model, tokenizer = smollm2
     model.to(torch.float32)

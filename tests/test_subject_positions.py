@@ -70,7 +70,7 @@ def reference_subject_keys_and_grads(model, tokenizer, requests, module_name):
 def test_subject_last_shift_matches_independent_least_squares(_built, family):
     model, tokenizer = _built[family]
     model = copy.deepcopy(model)
-    editor = untrained_editor(model, lambda_init=-1.0, token_positions="subject_last")
+    editor = untrained_editor(model, log_lambda_init=-1.0, token_positions="subject_last")
     deltas = edit_deltas(editor, model, tokenizer, REQUESTS)
     # The last block's output at the subject's token reaches no later position, so only the first block changes.
     first, last = editor.config.edit_modules
@@ -79,7 +79,7 @@ def test_subject_last_shift_matches_independent_least_squares(_built, family):
     for name in editor.config.edit_modules:
         keys, grads = reference_subject_keys_and_grads(model, tokenizer, REQUESTS, name)
         diffs = -editor.config.lr_init * keys.square().sum(-1, keepdim=True) * grads
-        ridge_rows = torch.exp(torch.tensor(editor.config.lambda_init / 2)).double() * torch.eye(keys.shape[1])
+        ridge_rows = torch.exp(torch.tensor(editor.config.log_lambda_init / 2)).double() * torch.eye(keys.shape[1])
         zeros = torch.zeros(keys.shape[1], grads.shape[1]).double()
         expected = torch.linalg.lstsq(torch.cat([keys, ridge_rows.double()]), torch.cat([diffs, zeros])).solution
         if name == last:

