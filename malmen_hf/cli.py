@@ -14,9 +14,13 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .shipped import DEFAULT_EDITOR, resolve_editor
 from .training.arguments import MalmenTrainingArguments
+
+if TYPE_CHECKING:
+    from .modeling_malmen import MalmenEditorModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
@@ -251,7 +255,7 @@ def evaluate_editor(args: argparse.Namespace) -> None:
         if args.update_card:
             folder = _editor_folder(args.editor)
             rows = [{"n": results["num_facts"], **results["after"]}]
-            _merge_into_card(folder / "README.md", editor, rows, str(folder), None, Path(args.data).name, None)
+            _merge_into_card(folder / "README.md", editor, rows, editor_id=str(folder), data_name=Path(args.data).name)
     if args.json:
         print(json.dumps(results, indent=1))
         return
@@ -277,12 +281,21 @@ def card(args: argparse.Namespace) -> None:
     existing = output if output.is_file() else editor_dir / "README.md"
     card_text = existing.read_text() if existing.is_file() else None
     _merge_into_card(
-        output, editor, rows, args.editor_id or str(editor_dir), args.dataset, data_name, command, card_text
-    )
+        output, editor, rows, editor_id=args.editor_id or str(editor_dir), dataset=args.dataset,
+        data_name=data_name, command=command, card_text=card_text,
+    )  # fmt: skip
 
 
 def _merge_into_card(
-    output: Path, editor, rows, editor_id, dataset, data_name, command, card_text: str | None = None
+    output: Path,
+    editor: "MalmenEditorModel",
+    rows: list[dict],
+    *,
+    editor_id: str,
+    dataset: str | None = None,
+    data_name: str | None = None,
+    command: str | None = None,
+    card_text: str | None = None,
 ) -> None:
     """
     Writes `output` with the result `rows` merged into those of the existing card (`card_text`, by default the file
@@ -303,7 +316,7 @@ def _merge_into_card(
     merged = sorted([row for row in earlier if row["n"] not in new_n] + list(rows), key=lambda row: row["n"])
     commands = _commands_in_card(card_text) if earlier and len(merged) > len(rows) else []
     commands += [command] if command and command not in commands else []
-    _write_card(output, editor, merged, editor_id, dataset, commands)
+    _write_card(output, editor, merged, editor_id=editor_id, dataset=dataset, commands=commands)
 
 
 def _editor_folder(path: str) -> Path:
@@ -313,7 +326,15 @@ def _editor_folder(path: str) -> Path:
     return folder
 
 
-def _write_card(output: Path, editor, results, editor_id, dataset, commands) -> None:
+def _write_card(
+    output: Path,
+    editor: "MalmenEditorModel",
+    results: list[dict],
+    *,
+    editor_id: str,
+    dataset: str,
+    commands: list[str],
+) -> None:
     from .evaluation.cards import editor_card
 
     model_card = editor_card(editor, results, editor_id=editor_id, dataset=dataset, results_command=commands)

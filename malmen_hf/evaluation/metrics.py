@@ -1,6 +1,6 @@
 """How well edits took: ES / GS / LS as the paper reports them, and greedy answers (what a user sees)."""
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +40,8 @@ def teacher_forced_predictions(
     tokens, and the target tokens themselves: `(predicted_ids, target_ids)`. With `desc`, a progress bar of that name
     counts the batches (on stderr).
     """
-    rows = _scan_targets(model, tokenizer, prompts, targets, batch_size, lambda logits, _: logits.argmax(-1), desc)
+    argmax = lambda logits, _: logits.argmax(-1)  # noqa: E731
+    rows = _scan_targets(model, tokenizer, prompts, targets, batch_size=batch_size, reduce=argmax, desc=desc)
     return [(predicted.tolist(), target.tolist()) for predicted, target in rows]
 
 
@@ -62,13 +63,20 @@ def target_log_probs(
     def log_probs(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(logits.float(), -1).gather(-1, target_ids.to(logits.device)[:, None])[:, 0]
 
-    rows = _scan_targets(model, tokenizer, prompts, targets, batch_size, log_probs, desc)
+    rows = _scan_targets(model, tokenizer, prompts, targets, batch_size=batch_size, reduce=log_probs, desc=desc)
     return [float(values.mean()) for values, _ in rows]
 
 
 @torch.no_grad()
 def _scan_targets(
-    model, tokenizer, prompts, targets, batch_size, reduce, desc=None
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    batch_size: int,
+    reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    desc: str | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`(reduce(logits, target_ids), target_ids)` per pair, with the logits at its target positions."""
     kind = model_kind(model)
@@ -228,7 +236,9 @@ def scores_of_model(
         if name in scores:
             results[name] = _mean(greedy_exact_match(model, tokenizer, *_columns(pairs), batch_size, desc=desc(name)))
     counterfact = [name for name in scores if name.startswith("CF_")]
-    results.update(_counterfact_scores(model, tokenizer, requests, batch_size, counterfact, desc))
+    results.update(
+        _counterfact_scores(model, tokenizer, requests, batch_size=batch_size, scores=counterfact, desc=desc)
+    )
     return {name: results[name] for name in scores}
 
 
@@ -236,7 +246,15 @@ def _columns(pairs: Sequence[tuple[str, str]]) -> tuple[list[str], list[str]]:
     return [prompt for prompt, _ in pairs], [answer for _, answer in pairs]
 
 
-def _counterfact_scores(model, tokenizer, requests, batch_size, scores, desc) -> dict[str, float]:
+def _counterfact_scores(
+    model: "PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    requests: Sequence[EditRequest],
+    *,
+    batch_size: int,
+    scores: Sequence[str],
+    desc: Callable[[str], str | None],
+) -> dict[str, float]:
     """CounterFact's comparisons of P(new target) with P(ground truth), on the requests that have a ground truth."""
     known = [r for r in requests if r.ground_truth is not None]
     prompts = {

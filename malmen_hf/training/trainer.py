@@ -97,7 +97,15 @@ def train_editor(
 class _TrainingRun:
     """One call of [`train_editor`]: its accelerator, optimizer and progress, and what each step does with them."""
 
-    def __init__(self, editor, model, tokenizer, args: MalmenTrainingArguments, train_requests, eval_requests):
+    def __init__(
+        self,
+        editor: "MalmenEditorModel",
+        model: "PreTrainedModel",
+        tokenizer: "PreTrainedTokenizerBase",
+        args: MalmenTrainingArguments,
+        train_requests: Sequence[EditRequest],
+        eval_requests: Sequence[EditRequest] | None,
+    ):
         self.editor, self.model, self.tokenizer, self.args = editor, model, tokenizer, args
         self.train_requests, self.eval_requests = train_requests, eval_requests
         log_with = args.log_with
@@ -228,7 +236,9 @@ def _out_of_time(accelerator: Accelerator, start: float, budget: float | None) -
     return bool(broadcast(decision, from_process=0).item()) if accelerator.num_processes > 1 else bool(decision.item())
 
 
-def _facts_of_step(requests, step, steps_per_epoch, args) -> list[EditRequest]:
+def _facts_of_step(
+    requests: Sequence[EditRequest], step: int, steps_per_epoch: int, args: MalmenTrainingArguments
+) -> list[EditRequest]:
     """The facts of global step `step`: a fixed order per epoch, so that a resumed run sees the same facts."""
     epoch, index = divmod(step, steps_per_epoch)
     order = torch.randperm(len(requests), generator=torch.Generator().manual_seed(args.seed + epoch))
