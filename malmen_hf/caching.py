@@ -1,9 +1,8 @@
 """Step 1 of MALMEN: the keys and value gradients of the edited layers on a batch of teacher-forced facts."""
 
 import contextlib
-import inspect
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -66,20 +65,16 @@ def cache_keys_and_value_grads(
         token_positions: `"target"` (the positions scored on target tokens), `"all"` (every non-padding position) or
             `"subject_last"` (each row's `batch["subject_positions"]`).
     """
-    decoder_mask = token_position_mask(batch, kind, token_positions)
-    label_mask = batch["labels"] != IGNORE_INDEX
-    prefix, prefix_cache = run_prefix(model, batch, kind, decoder_mask | label_mask, encoder_modules)
-    # From here on, the positions after the prefix only (the attention mask keeps all: the cache holds the prefix).
-    labels, decoder_mask = batch["labels"][:, prefix:], decoder_mask[:, prefix:]
-    suffix = {**batch, "input_ids": batch["input_ids"][:, prefix:], "labels": labels}
     recorder = _LayerRecorder(modules)
     with recorder.recording():
-        logits = scored_logits(model, suffix, kind, prefix_cache)
-    rows = rows_of_scored_tokens(labels).to(logits.device)
-    loss = per_fact_loss(logits, labels[labels != IGNORE_INDEX].to(logits.device), rows)
+        logits = scored_logits(model, batch, kind)
+    label_mask = batch["labels"] != IGNORE_INDEX
+    rows = rows_of_scored_tokens(batch["labels"]).to(logits.device)
+    loss = per_fact_loss(logits, batch["labels"][label_mask].to(logits.device), rows)
 
     names = list(modules)
     grads = torch.autograd.grad(loss, [recorder.outputs[name] for name in names], allow_unused=True)
+    decoder_mask = token_position_mask(batch, kind, token_positions)
     result = {}
     for name, grad in zip(names, grads, strict=True):
         mask = batch["attention_mask"] if name in encoder_modules else decoder_mask
@@ -89,42 +84,6 @@ def cache_keys_and_value_grads(
         mask = mask.bool().to(keys.device)
         result[name] = (keys[mask], grad.detach()[mask.to(grad.device)])
     return result
-
-
-def run_prefix(
-    model: nn.Module,
-    batch: dict[str, torch.Tensor],
-    kind: "ModelKind",
-    needed: torch.Tensor,
-    encoder_modules: Sequence[str] = (),
-) -> tuple[int, dict[str, Any] | None]:
-    """
-    Runs a causal model without a graph on the batch's first positions, those before any position whose key, value
-    gradient or loss is `needed`; returns how many they are and the model's cache of them, as the keyword argument
-    its forward takes (`cache`, `past_key_values` before transformers 5.24). `0, None` when there are none, or for
-    other models.
-
-    A causal position only depends on earlier ones, so nothing needed depends on the later positions of the prefix:
-    the backward then runs over the rest of the batch only (the target tokens, for `token_positions="target"`),
-    not over every position of every prompt.
-    """
-    parameters = inspect.signature(model.forward).parameters
-    cache_name = next((name for name in ("cache", "past_key_values") if name in parameters), None)
-    if kind != "causal" or encoder_modules or cache_name is None:
-        return 0, None
-    prefix = int(needed.any(dim=0).long().argmax())  # the first column where some row needs a position
-    if prefix == 0:
-        return 0, None
-    device = model.get_input_embeddings().weight.device
-    inputs = {
-        "input_ids": batch["input_ids"][:, :prefix].to(device),
-        "attention_mask": batch["attention_mask"][:, :prefix].to(device),
-    }
-    if "logits_to_keep" in parameters:
-        inputs["logits_to_keep"] = 1  # the head's output is not needed
-    with torch.no_grad():
-        output = model(**inputs, use_cache=True)
-    return prefix, {cache_name: output[cache_name]}
 
 
 def token_position_mask(batch: dict[str, torch.Tensor], kind: "ModelKind", token_positions: str) -> torch.Tensor:

@@ -4,7 +4,7 @@ training (step 4) and the metrics all score with.
 """
 
 import inspect
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -56,15 +56,9 @@ def rows_of_scored_tokens(labels: torch.Tensor) -> torch.Tensor:
     return torch.arange(mask.shape[0]).unsqueeze(1).expand_as(mask)[mask]
 
 
-def scored_logits(
-    model: nn.Module, batch: dict[str, torch.Tensor], kind: "ModelKind", prefix_cache: dict[str, Any] | None = None
-) -> torch.Tensor:
+def scored_logits(model: nn.Module, batch: dict[str, torch.Tensor], kind: "ModelKind") -> torch.Tensor:
     """
     The logits at the scored positions of a collated batch (`labels != -100`), flattened to `(n, vocab)`.
-
-    With `prefix_cache` (a causal model's cache of the batch's first positions, as the keyword argument its forward
-    takes it: see `caching.run_prefix`), `input_ids` and `labels` hold the positions after those only, and
-    `attention_mask` all of them.
 
     For causal models the language-model head runs on those positions only (`logits_to_keep` with a boolean mask),
     which saves most of the head's cost. A one-logit classifier's logit `z` becomes the two-class logits `(0, z)`
@@ -80,9 +74,7 @@ def scored_logits(
     if kind == "seq2seq":
         inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"].to(device))
         inputs["decoder_attention_mask"] = batch["decoder_attention_mask"].to(device)
-    elif prefix_cache is not None:
-        inputs.update(prefix_cache)
-    if kind == "causal" and "logits_to_keep" in inspect.signature(model.forward).parameters:
+    elif "logits_to_keep" in inspect.signature(model.forward).parameters:
         logits = model(**inputs, logits_to_keep=label_mask.to(device), use_cache=False).logits
         return logits.reshape(-1, logits.shape[-1])
     logits = model(**inputs, use_cache=False).logits
