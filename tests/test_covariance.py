@@ -58,6 +58,18 @@ def test_fitted_covariance_is_the_mean_outer_product_of_every_token(_built, fami
         torch.testing.assert_close(editor.key_covariance(name).matrix().double(), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_a_covariance_of_the_language_model_head_reads_every_token(gpt2):
+    """The head is the one edited module outside the transformer body: fitting then runs the whole model."""
+    model, tokenizer = gpt2
+    editor = MalmenEditorModel.for_model(
+        model, ["transformer.h.1.mlp.c_proj", "lm_head"], rank=4, covariance_weight=0.5, covariance_rank=10**6
+    )
+    fit_key_covariance(editor, model, OTHER_TEXT, tokenizer, batch_size=2)
+    for name in editor.config.edit_modules:
+        expected = reference_covariance(model, tokenizer, OTHER_TEXT, name)
+        torch.testing.assert_close(editor.key_covariance(name).matrix().double(), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_a_low_rank_covariance_keeps_the_leading_eigenvectors_and_a_floor(gpt2):
     model, tokenizer = gpt2
     editor = untrained_editor(model, covariance_weight=1.0, covariance_rank=4)

@@ -103,7 +103,7 @@ def fit_key_covariance(
         with frozen(model), torch.no_grad():
             for indices in batches_by_length(examples, batch_size):
                 batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), kind)
-                _run_for_keys(model, batch, kind)
+                _run_for_keys(model, batch, kind, modules)
                 for name in modules:
                     mask = batch[
                         "decoder_attention_mask" if kind == "seq2seq" and name in decoder_modules else "attention_mask"
@@ -131,14 +131,22 @@ def _as_plain_text_example(tokenizer, text: str, kind: str) -> TokenizedExample:
     )
 
 
-def _run_for_keys(model, batch: dict[str, torch.Tensor], kind: str) -> None:
+def _run_for_keys(model, batch: dict[str, torch.Tensor], kind: str, modules: dict[str, nn.Module]) -> None:
+    """Runs the model so that the hooks see every edited module's inputs; the output is not needed."""
     device = model.get_input_embeddings().weight.device
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
     if kind == "seq2seq":
         inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"].to(device))
         inputs["decoder_attention_mask"] = batch["decoder_attention_mask"].to(device)
     elif kind == "causal":
-        inputs.update(logits_to_keep=1, use_cache=False)  # the head's output is not needed
+        inputs["use_cache"] = False
+        body = model.base_model
+        inside = {id(module) for module in body.modules()}
+        if body is not model and all(id(module) in inside for module in modules.values()):
+            # The transformer without its head, when no edited module is the head: a causal LM's head is its largest
+            # matrix (SmolLM2: 49,152 x 576), and `logits_to_keep=1` would still run it, as a slow batched product.
+            body(**inputs)
+            return
     model(**inputs)
 
 
