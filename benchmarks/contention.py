@@ -24,14 +24,16 @@ and writes JSON (default `benchmarks/results/contention.json`).
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+import torch
+
+from common import REPO_ROOT, command_line, machine_info
+
 SETTINGS = {
     "spin": {},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
@@ -110,9 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {setting} | {row['idle']['median_seconds']} | {row['busy']['median_seconds']} | {chose} |")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "command": "python benchmarks/contention.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line(__file__, argv),
         "cli_command": "malmen-hf " + " ".join(cli_args),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine_info(torch.device("cpu")),
         "neighbour_threads": args.neighbour_threads,
         "rows": rows,
     }

@@ -40,7 +40,10 @@ def teacher_forced_predictions(
     tokens, and the target tokens themselves: `(predicted_ids, target_ids)`. With `desc`, a progress bar of that name
     counts the batches (on stderr).
     """
-    argmax = lambda logits, _: logits.argmax(-1)  # noqa: E731
+
+    def argmax(logits: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(-1)
+
     rows = _scan_targets(model, tokenizer, prompts, targets, batch_size=batch_size, reduce=argmax, desc=desc)
     return [(predicted.tolist(), target.tolist()) for predicted, target in rows]
 

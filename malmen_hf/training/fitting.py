@@ -99,11 +99,12 @@ def fit_key_covariance(
         module.register_forward_hook(lambda _, args, __, name=name: inputs_of.__setitem__(name, args[0].detach()))
         for name, module in modules.items()
     ]
+    runner = _module_to_run(model, kind, modules)
     try:
         with frozen(model), torch.no_grad():
             for indices in batches_by_length(examples, batch_size):
                 batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), kind)
-                _run_for_keys(model, batch, kind, modules)
+                _run_for_keys(model, runner, batch, kind)
                 for name in modules:
                     mask = batch[
                         "decoder_attention_mask" if kind == "seq2seq" and name in decoder_modules else "attention_mask"
@@ -131,8 +132,20 @@ def _as_plain_text_example(tokenizer, text: str, kind: str) -> TokenizedExample:
     )
 
 
-def _run_for_keys(model, batch: dict[str, torch.Tensor], kind: str, modules: dict[str, nn.Module]) -> None:
-    """Runs the model so that the hooks see every edited module's inputs; the output is not needed."""
+def _module_to_run(model: nn.Module, kind: str, modules: dict[str, nn.Module]) -> nn.Module:
+    """
+    What fitting runs to reach every edited module: a causal LM's transformer body when no edited module is its head
+    (the head's output is not needed, and it is the model's largest matrix: 49,152 x 576 for SmolLM2), else the model.
+    """
+    body = model.base_model
+    inside = {id(module) for module in body.modules()}
+    if kind == "causal" and body is not model and all(id(module) in inside for module in modules.values()):
+        return body
+    return model
+
+
+def _run_for_keys(model, runner: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> None:
+    """Runs `runner` (see [`_module_to_run`]) so that the hooks see every edited module's inputs."""
     device = model.get_input_embeddings().weight.device
     inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
     if kind == "seq2seq":
@@ -140,14 +153,7 @@ def _run_for_keys(model, batch: dict[str, torch.Tensor], kind: str, modules: dic
         inputs["decoder_attention_mask"] = batch["decoder_attention_mask"].to(device)
     elif kind == "causal":
         inputs["use_cache"] = False
-        body = model.base_model
-        inside = {id(module) for module in body.modules()}
-        if body is not model and all(id(module) in inside for module in modules.values()):
-            # The transformer without its head, when no edited module is the head: a causal LM's head is its largest
-            # matrix (SmolLM2: 49,152 x 576), and `logits_to_keep=1` would still run it, as a slow batched product.
-            body(**inputs)
-            return
-    model(**inputs)
+    runner(**inputs)
 
 
 def training_free_editor(
