@@ -25,6 +25,7 @@ Run from the repository root (the model is converted once from PyPI, see `malmen
 
     python benchmarks/edit_speed.py                        # the full list of N on the default device
     python benchmarks/edit_speed.py --n 1 10 100 --threads 2
+    python benchmarks/edit_speed.py --n 512 2048 --floors forward --repeats 3   # medians of 3, order alternating
     python benchmarks/edit_speed.py --model path/to/local/causal-lm --output /tmp/edit_speed.json
     # random weights in a model's shape (a folder with its config.json), with the tokenizer's vocabulary:
     python benchmarks/edit_speed.py --model gptj-config-folder --random-weights --tokenizer tokenizer-folder \
@@ -40,6 +41,7 @@ that an interrupted run keeps what it measured).
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -77,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32, help="facts per base-model batch")
     parser.add_argument("--editor-batch-size", type=int, default=1024, help="token positions per hyper-network pass")
     parser.add_argument("--rank", type=int, default=1920, help="hyper-network rank (capped by the editor)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="measure each N this many times, alternating the order; report medians"
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="where to write the JSON results")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
@@ -93,8 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.random_weights and args.tokenizer is None:
         parser.error("--random-weights needs --tokenizer")
-    if any(n < 1 for n in args.n) or args.batch_size < 1 or args.editor_batch_size < 1:
-        parser.error("--n, --batch-size and --editor-batch-size must be positive")
+    if any(n < 1 for n in args.n) or min(args.batch_size, args.editor_batch_size, args.repeats) < 1:
+        parser.error("--n, --batch-size, --editor-batch-size and --repeats must be positive")
     return args
 
 
@@ -102,6 +107,29 @@ def load_facts(path: Path) -> list[tuple[str, str]]:
     with open(path) as file:
         records = json.load(file)
     return without_contradictions([(record["prompt"], record["target_new"]) for record in records], lambda fact: fact)
+
+
+def measure_once(editor, model, facts, tokenizer, args, device, floors_first: bool) -> dict:
+    """
+    One EDIT and each floor on the same facts, and their ratios. With `floors_first` the floors run before the edit:
+    repeats alternate the order, so that a slow spell of the machine does not always fall on the same side.
+    """
+    row = {}
+    floors = [FLOORS[floor] for floor in args.floors]
+    if not floors_first:
+        row.update(run_edit(editor, model, facts, tokenizer, args, device))
+    for run, _, _ in floors:
+        row.update(run(model, facts, tokenizer, args.batch_size, device))
+    if floors_first:
+        row.update(run_edit(editor, model, facts, tokenizer, args, device))
+    for _, seconds, ratio in floors:
+        row[ratio] = row["edit_total_s"] / row[seconds]
+    return row
+
+
+def medians(repeats: list[dict]) -> dict:
+    """Each measure's median over the repeats; a ratio's is the median of the ratios measured side by side."""
+    return {key: statistics.median(repeat[key] for repeat in repeats) for key in repeats[0]}
 
 
 def run_edit(editor: MalmenEditorModel, model: nn.Module, facts, tokenizer, args, device: torch.device) -> dict:
@@ -226,13 +254,17 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"N={n}: skipped, {args.data} has only {len(all_facts)} facts without contradictions", flush=True)
             continue
         facts = all_facts[:n]
-        row = {"n": n, **run_edit(editor, model, facts, tokenizer, args, device)}
+        repeats = [
+            measure_once(editor, model, facts, tokenizer, args, device, floors_first=repeat % 2 == 1)
+            for repeat in range(args.repeats)
+        ]
+        row = {"n": n, **medians(repeats)}
+        if args.repeats > 1:
+            row["repeats"] = repeats
         floors = []
-        for floor in args.floors:
-            run, seconds, ratio = FLOORS[floor]
-            row.update(run(model, facts, tokenizer, args.batch_size, device))
-            row[ratio] = row["edit_total_s"] / row[seconds]
-            floors.append(f"{floor} {row[seconds]:.2f} s (edit/{floor} {row[ratio]:.2f})")
+        for name in args.floors:
+            _, seconds, ratio = FLOORS[name]
+            floors.append(f"{name} {row[seconds]:.2f} s (edit/{name} {row[ratio]:.2f})")
         report["results"].append(row)
         print(
             f"N={n}: edit {row['edit_total_s']:.2f} s (caching {row['caching_s']:.2f}, hypernet "
