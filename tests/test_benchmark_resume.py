@@ -1,25 +1,15 @@
 """`benchmarks/quality.py --resume`: which earlier rows are kept, and when an earlier run is refused."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def quality():
-    sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared `common` module by name
-    try:
-        spec = importlib.util.spec_from_file_location("quality_benchmark", BENCHMARKS / "quality.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return load_benchmark("quality")
 
 
 def run(settings: dict, rows: list, command: str = "python benchmarks/quality.py") -> dict:

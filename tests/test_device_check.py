@@ -1,21 +1,11 @@
 """The CPU path of `benchmarks/device_check.py`: the steps a lent GPU machine runs, on a tiny model."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 from tests import tiny
+from tests.benchmark_scripts import load_benchmark
 from tests.conftest import FACTS
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def load_device_check():
-    spec = importlib.util.spec_from_file_location("device_check", BENCHMARKS / "device_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_device_check_runs_its_steps_on_the_cpu(tmp_path, monkeypatch):
@@ -24,7 +14,7 @@ def test_device_check_runs_its_steps_on_the_cpu(tmp_path, monkeypatch):
     facts = [{"prompt": prompt, "target_new": target} for prompt, target in FACTS]
     (carried / "counterfact.json").write_text(json.dumps(facts))
     monkeypatch.setattr(sys, "argv", ["device_check.py"])
-    device_check = load_device_check()
+    device_check = load_benchmark("device_check")
 
     summary = device_check.run(
         device_check.parse_args(

@@ -1,33 +1,20 @@
 """`benchmarks/edit_speed.py` on a tiny model: repeated measurements are reported as medians of side-by-side runs."""
 
-import importlib.util
 import json
 import statistics
-import sys
-from pathlib import Path
 
 from tests import tiny
+from tests.benchmark_scripts import load_benchmark
 from tests.conftest import FACTS
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def load_edit_speed(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # its `from common import ...`
-    spec = importlib.util.spec_from_file_location("edit_speed", BENCHMARKS / "edit_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_repeats_report_the_medians_of_ratios_measured_side_by_side(tmp_path, monkeypatch):
+def test_repeats_report_the_medians_of_ratios_measured_side_by_side(tmp_path):
     tokenizer = tiny.gpt2_tokenizer()
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     tiny.gpt2_model(len(tokenizer)).config.save_pretrained(tmp_path / "model")
     data = tmp_path / "facts.json"
     data.write_text(json.dumps([{"prompt": prompt, "target_new": target} for prompt, target in FACTS]))
-    monkeypatch.setattr(sys, "argv", ["edit_speed.py"])
-    edit_speed = load_edit_speed(monkeypatch)
+    edit_speed = load_benchmark("edit_speed")
 
     report = edit_speed.main(
         ["--model", str(tmp_path / "model"), "--random-weights", "--tokenizer", str(tmp_path / "tokenizer"),
