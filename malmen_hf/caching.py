@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .facts import IGNORE_INDEX, TokenizedExample, collate
 from .scoring import per_fact_loss, rows_of_scored_tokens, scored_logits
@@ -44,6 +45,72 @@ class _LayerRecorder:
         return hook
 
 
+class _InputGradientAtRows(torch.autograd.Function):
+    """
+    A linear layer's output, already computed, whose backward forms the gradient of the layer's input at the given
+    rows of its `(batch * length)` positions only, and zero at the others.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs, output, weight, rows, weight_is_in_by_out):
+        ctx.save_for_backward(weight, rows.to(weight.device))
+        ctx.input_shape, ctx.input_device, ctx.weight_is_in_by_out = inputs.shape, inputs.device, weight_is_in_by_out
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, rows = ctx.saved_tensors
+        grad_rows = grad_output.reshape(-1, grad_output.shape[-1]).index_select(0, rows)
+        grad_rows = grad_rows @ (weight.T if ctx.weight_is_in_by_out else weight)
+        grad_input = grad_rows.new_zeros(ctx.input_shape.numel() // ctx.input_shape[-1], ctx.input_shape[-1])
+        grad_input = grad_input.index_copy_(0, rows, grad_rows).view(ctx.input_shape)
+        # A model split over devices (device_map) hands a layer its input from the previous device.
+        return grad_input.to(ctx.input_device), None, None, None, None
+
+
+@contextlib.contextmanager
+def input_gradients_at(model: nn.Module, needed: torch.Tensor) -> Iterator[None]:
+    """
+    Within the block, the backward of each of `model`'s linear layers (`nn.Linear`, GPT-2's `Conv1D`) that runs on
+    the `(batch, length)` positions of `needed` forms its input's gradient at the `needed` positions only.
+
+    Exact for a causal model when `needed` holds, in each row, every position from the first whose gradient is
+    wanted to the last scored one: a position's hidden states only reach later positions, so the gradients at the
+    earlier positions never flow back into wanted ones, and those after the last scored position are zero. The
+    backward through the blocks after the first edited layer then costs a few rows per fact instead of its whole
+    prompt (CounterFact: about 1 in 8 positions).
+    """
+    rows = needed.flatten().nonzero().squeeze(1)
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        inputs = args[0] if args else None
+        if not (torch.is_tensor(inputs) and inputs.requires_grad and inputs.shape[:-1] == needed.shape):
+            return None  # before the first edited layer (no graph), or not one row per position
+        if module.weight.device.type == "meta":
+            return None  # offloaded by accelerate until its next forward: keep autograd's own backward
+        weight_is_in_by_out = type(module) is Conv1D  # Conv1D computes x @ W, nn.Linear x @ W.T
+        return _InputGradientAtRows.apply(inputs, output.detach(), module.weight, rows, weight_is_in_by_out)
+
+    linears = [module for module in model.modules() if type(module) in (nn.Linear, Conv1D)]
+    # prepend: the layer recorder's hooks must see (and differentiate against) the output this hook returns.
+    handles = [module.register_forward_hook(hook, prepend=True) for module in linears]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def needed_positions(wanted: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """
+    The `(batch, length)` positions whose gradient a causal model's backward must form to reach the `wanted` ones
+    from the loss at the `scored` ones: in each row, from its first wanted or scored position to its last scored one.
+    """
+    after_first = (wanted | scored).long().cumsum(1) > 0
+    up_to_last = scored.flip(1).long().cumsum(1).flip(1) > 0
+    return after_first & up_to_last
+
+
 def cache_keys_and_value_grads(
     model: nn.Module,
     modules: dict[str, nn.Module],
@@ -57,7 +124,8 @@ def cache_keys_and_value_grads(
     gradients `dL/d(output)` `(n, d_out)` at the selected token positions, where `L` is [`per_fact_loss`].
 
     The model's parameters should not require gradients (see [`frozen`]): the backward then reaches only
-    the earliest edited layer and forms no weight gradient.
+    the earliest edited layer and forms no weight gradient. For a causal model it also runs over the positions that
+    reach a selected one only (see [`input_gradients_at`]).
 
     Args:
         encoder_modules: the edited modules that sit in the encoder of an encoder-decoder model, or every edited
@@ -65,16 +133,22 @@ def cache_keys_and_value_grads(
         token_positions: `"target"` (the positions scored on target tokens), `"all"` (every non-padding position) or
             `"subject_last"` (each row's `batch["subject_positions"]`).
     """
-    recorder = _LayerRecorder(modules)
-    with recorder.recording():
-        logits = scored_logits(model, batch, kind)
     label_mask = batch["labels"] != IGNORE_INDEX
+    decoder_mask = token_position_mask(batch, kind, token_positions)
+    device = model.get_input_embeddings().weight.device
+    restricted = (
+        input_gradients_at(model, needed_positions(decoder_mask, label_mask).to(device))
+        if kind == "causal"
+        else contextlib.nullcontext()
+    )
+    recorder = _LayerRecorder(modules)
+    with restricted, recorder.recording():
+        logits = scored_logits(model, batch, kind)
     rows = rows_of_scored_tokens(batch["labels"]).to(logits.device)
     loss = per_fact_loss(logits, batch["labels"][label_mask].to(logits.device), rows)
 
     names = list(modules)
     grads = torch.autograd.grad(loss, [recorder.outputs[name] for name in names], allow_unused=True)
-    decoder_mask = token_position_mask(batch, kind, token_positions)
     result = {}
     for name, grad in zip(names, grads, strict=True):
         mask = batch["attention_mask"] if name in encoder_modules else decoder_mask
