@@ -33,10 +33,10 @@ def cache(model, tokenizer, token_positions):
 @pytest.mark.parametrize("token_positions", ["target", "subject_last", "all"])
 @pytest.mark.parametrize("family", ["gpt2", "gptj", "llama"])
 def test_backward_over_the_needed_positions_equals_the_full_backward(
-    _built, monkeypatch, family, token_positions, dtype
+    _built, monkeypatch, family, token_positions, dtype, device
 ):
     model, tokenizer = _built[family]
-    model = copy.deepcopy(model).to(dtype)
+    model = copy.deepcopy(model).to(device, dtype)
     restricted_layers = []
     apply = caching._InputGradientAtRows.apply
     monkeypatch.setattr(
