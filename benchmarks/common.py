@@ -181,14 +181,16 @@ def run_forward(model: nn.Module, facts, tokenizer, batch_size: int, device: tor
         start = time.perf_counter()
         batches = CollatedBatches(facts, tokenizer, batch_size)
         for batch in batches:
-            model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            )
+            plain_forward(model, batch, device)
         sync(device)
         wall = time.perf_counter() - start
     return {"forward_s": wall, "forward_peak_mb": memory.growth_mb, "forward_peak_abs_mb": memory.peak / MB}
+
+
+@torch.no_grad()
+def plain_forward(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> None:
+    """What a user's `model(input_ids, attention_mask)` runs on a collated batch: no graph, full logits."""
+    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
 
 
 class CollatedBatches:

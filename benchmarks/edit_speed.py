@@ -64,6 +64,7 @@ from common import (
     command_line,
     machine_info,
     markdown_table,
+    plain_forward,
     run_floor,
     run_forward,
     sync,
@@ -146,12 +147,7 @@ def run_paired(editor: MalmenEditorModel, model: nn.Module, facts, tokenizer, ar
     """
     paired = PairedForward(device)
     with paired.inside_edits():
-        start = time.perf_counter()
-        handle = editor.apply_edits(
-            model, facts, tokenizer=tokenizer, batch_size=args.batch_size, editor_batch_size=args.editor_batch_size
-        )
-        sync(device)
-        wall = time.perf_counter() - start
+        handle, wall = timed_edit(editor, model, facts, tokenizer, args, device)
     handle.revert()
     edit_s = wall - paired.seconds
     return {
@@ -175,12 +171,7 @@ class PairedForward:
         def forward_then_cache(model, modules, batch, *args, **kwargs):
             sync(self.device)
             start = time.perf_counter()
-            with torch.no_grad():
-                model(
-                    input_ids=batch["input_ids"].to(self.device),
-                    attention_mask=batch["attention_mask"].to(self.device),
-                    use_cache=False,
-                )
+            plain_forward(model, batch, self.device)
             sync(self.device)
             self.seconds += time.perf_counter() - start
             self.batches += 1
@@ -193,6 +184,16 @@ class PairedForward:
             caching.cache_keys_and_value_grads = cache
 
 
+def timed_edit(editor: MalmenEditorModel, model: nn.Module, facts, tokenizer, args, device: torch.device):
+    """`editor.apply_edits` with the benchmark's batch sizes: its handle and its wall time."""
+    start = time.perf_counter()
+    handle = editor.apply_edits(
+        model, facts, tokenizer=tokenizer, batch_size=args.batch_size, editor_batch_size=args.editor_batch_size
+    )
+    sync(device)
+    return handle, time.perf_counter() - start
+
+
 def medians(repeats: list[dict]) -> dict:
     """Each measure's median over the repeats; a ratio's is the median of the ratios measured side by side."""
     return {key: statistics.median(repeat[key] for repeat in repeats) for key in repeats[0]}
@@ -202,12 +203,7 @@ def run_edit(editor: MalmenEditorModel, model: nn.Module, facts, tokenizer, args
     """Applies `facts`, measures time and memory, reverts them, and checks the weights came back."""
     checksum = _edited_checksum(editor, model)
     with PeakMemory(device) as memory:
-        start = time.perf_counter()
-        handle = editor.apply_edits(
-            model, facts, tokenizer=tokenizer, batch_size=args.batch_size, editor_batch_size=args.editor_batch_size
-        )
-        sync(device)
-        wall = time.perf_counter() - start
+        handle, wall = timed_edit(editor, model, facts, tokenizer, args, device)
     handle.revert()
     if _edited_checksum(editor, model) != checksum:
         raise RuntimeError("revert() did not restore the edited weights")
