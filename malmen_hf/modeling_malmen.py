@@ -250,14 +250,13 @@ class MalmenEditorModel(MalmenPreTrainedModel):
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
         kwargs["key_mapping"] = {**_RENAMED_WEIGHTS, **(kwargs.get("key_mapping") or {})}
+        # The config is checked before transformers builds the editor: one that edits no modules has no parameter,
+        # and transformers' loading steps fail on that with a bare StopIteration (5.25) instead of a clear error.
+        if not isinstance(kwargs.get("config"), MalmenConfig):
+            kwargs["config"] = _editor_config(pretrained_model_name_or_path, kwargs)
         editor, info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
-        if not editor.config.edit_modules:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} holds no MALMEN editor: its config edits no modules (is its "
-                "config.json missing?). Save an editor there with `save_pretrained`."
-            )
         problems = {kind: sorted(map(str, keys)) for kind in _LOAD_PROBLEMS if (keys := info.get(kind))}
         if problems:
             raise ValueError(
@@ -368,6 +367,36 @@ _RENAMED_WEIGHTS = {"lamda": "log_lambda"}
 _SAVES_ORIGINAL_FORMAT = "save_original_format" in inspect.signature(PreTrainedModel.save_pretrained).parameters
 # Weight files a previous save may have left under other names (shards): a new save replaces them all.
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+
+
+_CONFIG_LOADING_KWARGS = (
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "subfolder",
+    "proxies",
+)
+
+
+def _editor_config(name_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> MalmenConfig:
+    """The editor config at `name_or_path` (a released editor's short name too); a clear error if it is not one."""
+    folder = resolve_editor(name_or_path)
+    hub_kwargs = {key: kwargs[key] for key in _CONFIG_LOADING_KWARGS if key in kwargs}
+    try:
+        config = MalmenConfig.from_pretrained(folder, **hub_kwargs)
+    except OSError as error:
+        raise ValueError(
+            f"{name_or_path} holds no MALMEN editor: it has no readable config.json ({error}). Save an editor there "
+            "with `save_pretrained`, or give the folder or Hub id of one."
+        ) from None
+    if not config.edit_modules:
+        raise ValueError(
+            f"{name_or_path} holds no MALMEN editor: its config edits no modules (is its config.json missing, or "
+            "is it a base model's folder?). Save an editor there with `save_pretrained`."
+        )
+    return config
 
 
 def _editor_card(editor: MalmenEditorModel, editor_id: str) -> Any:

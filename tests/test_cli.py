@@ -174,6 +174,15 @@ def test_edit_without_facts_fails_in_one_line(saved, capsys):
     )
 
 
+def test_a_base_models_folder_as_editor_fails_in_one_line_with_exit_2(saved, capsys):
+    folder, _, _ = saved
+    with pytest.raises(SystemExit) as exit_info:
+        main(["edit", "--model", str(folder / "model"), "--editor", str(folder / "model"), "--fact", "A is", "B"])
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("malmen-hf edit: error: ") and "holds no MALMEN editor" in last_line
+
+
 def test_push_an_editor_with_its_card_and_an_edit_artifact(saved, monkeypatch, capsys):
     from tests.test_hub import FakeHfApi
 

@@ -106,6 +106,12 @@ def test_an_incomplete_editor_folder_fails_at_load_time(tmp_path, damage, messag
         MalmenEditorModel.from_pretrained(tmp_path)
 
 
+def test_a_base_models_folder_is_refused_as_an_editor(tmp_path):
+    tiny.gpt2_model(64).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds no MALMEN editor: its config edits no modules .*base model's folder"):
+        MalmenEditorModel.from_pretrained(tmp_path)
+
+
 def test_saving_over_an_editor_replaces_it_whole_and_keeps_other_files(tmp_path):
     trained_looking_editor().save_pretrained(tmp_path)
     (tmp_path / "notes.txt").write_text("kept")
