@@ -137,11 +137,13 @@ def tokenize_edit_prompts(
     examples = tokenize_examples(tokenizer, [r.prompt for r in requests], [r.target for r in requests], kind)
     for example, request in zip(examples, requests, strict=True):
         if request.subject is not None and kind != "classifier":
-            example.subject_end = _subject_end(tokenizer, request.prompt, request.subject, kind)
+            example.subject_end = subject_last_position(tokenizer, request.prompt, request.subject, kind)
     return examples
 
 
-def _subject_end(tokenizer: "PreTrainedTokenizerBase", prompt: str, subject: str, kind: ModelKind) -> int:
+def subject_last_position(
+    tokenizer: "PreTrainedTokenizerBase", prompt: str, subject: str, kind: ModelKind = "causal"
+) -> int:
     """The position of the token that holds the last character of the last occurrence of `subject` in `prompt`."""
     prompt, subject = (prompt.rstrip() if kind == "causal" else prompt.strip()), subject.strip()
     last_char = prompt.rindex(subject) + len(subject) - 1
@@ -150,7 +152,7 @@ def _subject_end(tokenizer: "PreTrainedTokenizerBase", prompt: str, subject: str
         offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
         return next(i for i, (start, end) in enumerate(offsets) if start <= last_char < end)
     # A slow tokenizer has no offsets: count the tokens up to the subject's end, as ROME and MEMIT do.
-    return min(len(ids) for ids in _encode(tokenizer, [prompt[: last_char + 1], prompt])) - 1
+    return min(len(ids) for ids in encode_texts(tokenizer, [prompt[: last_char + 1], prompt])) - 1
 
 
 def tokenize_examples(
@@ -185,7 +187,7 @@ def _tokenize_causal(
     return [
         _causal_example(tokenizer, prompt_ids, full_ids, target)
         for prompt_ids, full_ids, target in zip(
-            _encode(tokenizer, prompts), _encode(tokenizer, texts), targets, strict=True
+            encode_texts(tokenizer, prompts), encode_texts(tokenizer, texts), targets, strict=True
         )
     ]
 
@@ -202,7 +204,8 @@ def _causal_example(
     return TokenizedExample(input_ids=full_ids, labels=labels)
 
 
-def _encode(tokenizer: "PreTrainedTokenizerBase", texts: list[str]) -> list[list[int]]:
+def encode_texts(tokenizer: "PreTrainedTokenizerBase", texts: list[str]) -> list[list[int]]:
+    """The token ids of each text as a prompt: with the tokenizer's special tokens, but never a trailing EOS."""
     # Some tokenizers append EOS to every text: a continuation must not sit after it.
     eos = tokenizer.eos_token_id
     return [

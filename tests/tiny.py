@@ -82,9 +82,9 @@ def _tiny(model_class, config):
     return model_class(config).eval()
 
 
-def gpt2_model(vocab_size: int) -> GPT2LMHeadModel:
+def gpt2_model(vocab_size: int, num_layers: int = 2) -> GPT2LMHeadModel:
     config = GPT2Config(
-        vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+        vocab_size=vocab_size, n_embd=32, n_layer=num_layers, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
     )
     return _tiny(GPT2LMHeadModel, config)
 
