@@ -9,6 +9,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,24 +25,71 @@ def atomic_directory(path: str | os.PathLike, stale: Callable[[str], bool] = lam
     name) are carried over as hard links, so a save replaces only what it writes. After an error or a kill, `path` is
     as it was (a killed save may leave a hidden `.<name>.*.tmp` folder beside it, removed by the next save).
 
+    Saves into one parent folder take turns (an exclusive `flock` on that folder, where the system has it): two
+    processes saving to the same `path` each succeed in turn, and the folder is always one of their complete saves.
+
     Args:
         path (`str` or `os.PathLike`): The folder to write.
         stale (`Callable[[str], bool]`, *optional*): Names of entries of the old folder to leave out (files an older
             save wrote that this one replaces under another name, e.g. weight shards).
+
+    Raises:
+        `NotADirectoryError` if `path` is an existing file: it is left as it was.
     """
     path = Path(os.path.realpath(path))  # a link to a folder stays a link: its target is replaced
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            f"{path} is a file, not a folder: saving there would replace it. Give a folder's name (it is created if "
+            "missing), or move the file away. Nothing was written."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    with _saves_take_turns(path.parent):
+        # No other save into this folder runs now: what is left of earlier saves is left over from killed ones.
+        for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            yield temporary
+            if path.is_dir():
+                _carry_over(path, temporary, stale)
+            _replace(temporary, path)
+        finally:
+            # After an exchange the temporary name holds the previous folder.
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+# Per thread, folder -> how many of its saves hold that folder's lock (a save may run within another). Each thread
+# opens its own descriptor, and flock makes two descriptors wait for each other even within one process.
+_HELD_LOCKS = threading.local()
+
+
+@contextlib.contextmanager
+def _saves_take_turns(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` for the block, shared by every process's saves into it (none on Windows)."""
     try:
-        yield temporary
-        if path.is_dir():
-            _carry_over(path, temporary, stale)
-        _replace(temporary, path)
+        import fcntl
+    except ImportError:
+        yield
+        return
+    held = _HELD_LOCKS.__dict__.setdefault("counts", {})
+    key = str(folder)
+    if held.get(key):  # a save within a save of this process: the lock is already held
+        held[key] += 1
+        try:
+            yield
+        finally:
+            held[key] -= 1
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        held[key] = 1
+        try:
+            yield
+        finally:
+            del held[key]
     finally:
-        # After an exchange the temporary name holds the previous folder.
-        shutil.rmtree(temporary, ignore_errors=True)
+        os.close(descriptor)  # releases the lock
 
 
 def _carry_over(old: Path, new: Path, stale: Callable[[str], bool]) -> None:
