@@ -25,7 +25,11 @@ from malmen_hf import (
     training_free_editor,
 )
 from malmen_hf.evaluation.metrics import edit_scores
+from malmen_hf.memit import MemitSettings
 from malmen_hf.offline_models import load_model_and_tokenizer
+from malmen_hf.training.distillation import DistillationArguments, distill_editor, distillation_data
+from malmen_hf.training.fitting import covariance_texts, fit_key_covariance
+from malmen_hf.training.teacher import cached_teacher_settings, teacher_values
 
 from common import REPO_ROOT, command_line, load_counterfact_requests, machine_info, sweep_splits
 
@@ -58,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, nargs="+", default=[256, 1000], help="facts edited at once when scoring")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--teacher", type=Path, default=None,
+        help="a teacher-values folder (benchmarks/teacher.py): distill from it first (then meta-train if --max-steps)",
+    )  # fmt: skip
+    parser.add_argument("--distill-steps", type=int, default=2000, help="regression steps on the teacher's values")
+    parser.add_argument("--distill-lr", type=float, default=1e-3)
     parser.add_argument("--skip-training", action="store_true", help="only score the run's saved editor")
     parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "runs/sweep")
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks/results/sweep.json")
@@ -89,11 +99,34 @@ def train(model, tokenizer, train_facts, validation, args: argparse.Namespace) -
         resume_from_checkpoint=True if resume else None, mixed_precision=args.mixed_precision, log_with=None,
     )  # fmt: skip
     start = time.perf_counter()
+    # With --teacher, meta-training fine-tunes the distilled editor (its regression is resumable too).
+    initial = distilled(model, tokenizer, train_facts, args) if args.teacher is not None else build_editor(model, args)
     editor = train_editor(
-        build_editor(model, args), model, tokenizer, train_facts, training_args,
+        initial, model, tokenizer, train_facts, training_args,
         eval_requests=validation[: args.eval_facts],
     )  # fmt: skip
     return editor, time.perf_counter() - start
+
+
+def distilled(model, tokenizer, train_facts, args: argparse.Namespace) -> MalmenEditorModel:
+    """An editor fitted to the teacher's value changes of every training fact the teacher folder holds."""
+    identity, count = cached_teacher_settings(args.teacher)
+    facts = train_facts[:count]
+    _, deltas = teacher_values(
+        model, tokenizer, facts, args.teacher, residual_module=identity["residual_module"],
+        context_templates=identity["context_templates"], settings=MemitSettings(**identity["settings"]),
+        chunk_size=identity["chunk_size"],
+    )  # fmt: skip
+    editor = build_editor(model, args)
+    if args.covariance_weight > 0:
+        fit_key_covariance(editor, model, covariance_texts(train_facts), tokenizer, batch_size=args.batch_size)
+    data = distillation_data(editor, model, tokenizer, facts, deltas, batch_size=args.batch_size)
+    output_dir = args.runs_dir / args.name / "distill"
+    distill_args = DistillationArguments(str(output_dir), max_steps=args.distill_steps, learning_rate=args.distill_lr)
+    losses = distill_editor(editor, data, distill_args)
+    print(f"distilled on {count} facts: loss {losses[0] if losses else float('nan'):.3f} -> "
+          f"{losses[-1] if losses else float('nan'):.3f}", flush=True)  # fmt: skip
+    return editor
 
 
 def training_free(model, tokenizer, train_facts, args: argparse.Namespace) -> MalmenEditorModel:
@@ -122,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     seconds = 0.0
     if args.skip_training:
         editor = MalmenEditorModel.from_pretrained(args.runs_dir / args.name).to(device)
+    elif args.teacher is not None and args.max_steps == 0:
+        editor = distilled(model, tokenizer, train_facts, args)
     elif args.max_steps == 0:
         editor = training_free(model, tokenizer, train_facts, args)
     else:

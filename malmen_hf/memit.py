@@ -530,6 +530,7 @@ def apply_memit(
     batch_size: int = 16,
     progress: bool = False,
     keep_shifts: bool = True,
+    residual_targets: torch.Tensor | None = None,
 ) -> EditHandle:
     """
     Edits `model` in place with MEMIT's values (see the module's docstring) written into `editor`'s layers by its
@@ -550,6 +551,9 @@ def apply_memit(
         batch_size (`int`, defaults to 16): Facts optimized together. Does not change the result.
         progress (`bool`, defaults to `False`): Show progress bars.
         keep_shifts (`bool`, defaults to `True`): As in [`apply_edits`].
+        residual_targets (`torch.Tensor` of shape `(num_facts, hidden_size)`, *optional*): MEMIT's targets `h + delta`
+            of these facts computed before (by [`optimize_residuals`] or `malmen_hf.training.teacher.teacher_values`,
+            with the same settings and templates): the value step is skipped.
 
     Returns:
         [`EditHandle`]: as [`apply_edits`]'s, with `aggregation="memit"`; `revert()` restores the weights bit for
@@ -562,18 +566,22 @@ def apply_memit(
     settings = settings or MemitSettings()
     residual_module = settings.residual_module or residual_module_name(list(modules))
     templates = context_templates or generate_context_templates(model, tokenizer)
+    if residual_targets is not None and residual_targets.shape[0] != len(requests):
+        raise ValueError(f"{residual_targets.shape[0]} residual targets for {len(requests)} facts: give one per fact.")
     timings = {}
     start = time.perf_counter()
-    with frozen(model), torch.enable_grad():
-        residuals, deltas = optimize_residuals(
-            model, tokenizer, requests, residual_module=residual_module, context_templates=templates,
-            settings=settings, batch_size=batch_size, progress=progress,
-        )  # fmt: skip
+    if residual_targets is None:
+        with frozen(model), torch.enable_grad():
+            residuals, deltas = optimize_residuals(
+                model, tokenizer, requests, residual_module=residual_module, context_templates=templates,
+                settings=settings, batch_size=batch_size, progress=progress,
+            )  # fmt: skip
+        residual_targets = residuals + deltas
     timings["values"] = time.perf_counter() - start
     start = time.perf_counter()
     with frozen(model):
         shifts = spread_residuals(
-            editor, model, tokenizer, requests, residuals + deltas, residual_module=residual_module,
+            editor, model, tokenizer, requests, residual_targets, residual_module=residual_module,
             context_templates=templates, batch_size=2 * batch_size, progress=progress,
         )  # fmt: skip
     timings["spreading"] = time.perf_counter() - start

@@ -81,6 +81,21 @@ def teacher_values(
     return torch.cat(residuals), torch.cat(deltas)
 
 
+def cached_teacher_settings(cache_dir: str | os.PathLike) -> tuple[dict, int]:
+    """
+    The settings a cache folder's values were made with (`teacher_settings.json`: `residual_module`,
+    `context_templates`, `settings`, `chunk_size`, ...) and how many facts, from the first, its complete shards hold.
+    """
+    folder = Path(cache_dir)
+    if not (folder / SETTINGS_NAME).is_file():
+        raise FileNotFoundError(f"{folder} holds no teacher values (no {SETTINGS_NAME}): compute them first.")
+    identity = json.loads((folder / SETTINGS_NAME).read_text())
+    count = 0
+    while (path := folder / f"values-{count:07d}.safetensors").is_file():
+        count += int(_load_shard(path)[1]["num_facts"])
+    return identity, count
+
+
 def _identity(model, residual_module, context_templates, settings: MemitSettings, chunk_size: int) -> dict:
     """What makes two runs' values the same: written once per folder and compared on every later run."""
     return {
@@ -131,4 +146,4 @@ def _load_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return load_file(path), metadata
 
 
-__all__ = ["teacher_values"]
+__all__ = ["cached_teacher_settings", "teacher_values"]
