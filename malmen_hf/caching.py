@@ -156,8 +156,13 @@ def cache_keys_and_value_grads(
     for name, grad in zip(names, grads, strict=True):
         mask = batch["attention_mask"] if name in encoder_modules else decoder_mask
         keys = recorder.inputs[name]
-        if grad is None:  # the layer does not reach the loss (e.g. a decoder layer after the last scored position)
-            grad = torch.zeros_like(recorder.outputs[name])
+        if grad is None:
+            # A silent zero would edit this layer by nothing while the others take the whole edit.
+            raise RuntimeError(
+                f"No gradient reached the edited layer {name!r}: its output is not part of what the loss is computed "
+                "from (a layer the model's forward skips or replaces, e.g. a compiled forward on torch < 2.6, or a "
+                "layer after every scored position). Edit the plain model, or edit other layers. Nothing was changed."
+            )
         mask = mask.bool().to(keys.device)
         result[name] = (keys[mask], grad.detach()[mask.to(grad.device)])
     return result
@@ -181,7 +186,9 @@ def token_position_mask(batch: dict[str, torch.Tensor], kind: "ModelKind", token
 def frozen(model: nn.Module) -> Iterator[None]:
     """
     Puts `model` in eval mode with no parameter requiring gradients, and restores both afterwards: each module's own
-    mode (a model in training with a submodule in eval mode comes back so) and each parameter's flag.
+    mode (a model in training with a submodule in eval mode comes back so) and each parameter's flag. A compiled
+    model (`torch.compile`) runs eagerly meanwhile: the hooks that read keys and gradients must see every layer, and
+    a compiled graph can leave an edited layer's output out of the graph the loss is differentiated through.
     """
     modes = [(module, module.training) for module in model.modules()]
     flags = [(param, param.requires_grad) for param in model.parameters()]
@@ -189,12 +196,19 @@ def frozen(model: nn.Module) -> Iterator[None]:
     for param, _ in flags:
         param.requires_grad_(False)
     try:
-        yield
+        with _eager():
+            yield
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
         for module, training in modes:
             module.training = training
+
+
+def _eager() -> contextlib.AbstractContextManager:
+    """Compiled code runs eagerly within the block (torch >= 2.6); nothing changes where torch cannot do this."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def cached_batches(
