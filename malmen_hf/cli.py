@@ -8,6 +8,7 @@ transformers (seconds) when it runs, after checking its paths and names, so that
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import shlex
@@ -362,10 +363,19 @@ def _commands_in_card(card_text: str | None) -> list[str]:
 
 def _card_results(path: Path, method: str) -> tuple[list[dict], str | None, str | None]:
     """Result rows, the command and the data file's name, from `eval --json` output or `benchmarks/quality.py`."""
-    data = json.loads(_check_file(path, "results").read_text())
+    try:
+        data = json.loads(_check_file(path, "results").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not JSON ({error})") from None
+    if not isinstance(data, dict):
+        data = {}
     if "after" in data:
+        if not (isinstance(data["after"], dict) and isinstance(data.get("num_facts"), int) and data.get("data")):
+            raise ValueError(f"{path} looks like `malmen-hf eval --json` output but lacks num_facts, data or after")
         return [{"n": data["num_facts"], **data["after"]}], data.get("command"), Path(data["data"]).name
     if "rows" in data:
+        if not isinstance(data["rows"], list) or not all(isinstance(row, dict) and "n" in row for row in data["rows"]):
+            raise ValueError(f"{path} looks like a quality benchmark result but its rows are not objects with an n")
         rows = [row for row in data["rows"] if row.get("method") == method and "skipped" not in row]
         if not rows:
             raise ValueError(f"{path} has no results for method {method!r}")
@@ -399,8 +409,12 @@ def edit(args: argparse.Namespace) -> None:
     if args.save_edits:
         handle.save(args.save_edits)
     if args.save_model:
-        model.save_pretrained(args.save_model)
-        tokenizer.save_pretrained(args.save_model)
+        from .saving import atomic_directory
+
+        # Written aside and swapped in: Ctrl-C during the save leaves the folder as it was, never half-written.
+        with atomic_directory(args.save_model) as folder:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
     answers = [
         {"prompt": r.prompt, "target": r.target, "before": b, "after": a}
         for r, b, a in zip(shown, before, after, strict=True)
@@ -477,6 +491,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def _add_format_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--format",
@@ -497,9 +532,9 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo_parser.add_argument(
         "--data", help=f"CounterFact JSON (simplified form); default: {DEFAULT_DATA} when it exists"
     )
-    demo_parser.add_argument("--num-facts", type=int, default=300, help="CounterFact records to edit at once")
-    demo_parser.add_argument("--show", type=int, default=5, help="CounterFact edits to print before/after")
-    demo_parser.add_argument("--batch-size", type=int, default=32, help="facts per base-model pass")
+    demo_parser.add_argument("--num-facts", type=_positive_int, default=300, help="CounterFact records edited at once")
+    demo_parser.add_argument("--show", type=_non_negative_int, default=5, help="CounterFact edits printed")
+    demo_parser.add_argument("--batch-size", type=_positive_int, default=32, help="facts per base-model pass")
     demo_parser.add_argument(
         "--lr", type=float, help="training-free editor's lr (default: malmen_hf.training.fitting.TRAINING_FREE_LR)"
     )
@@ -521,10 +556,10 @@ def _add_train(commands: argparse._SubParsersAction) -> None:
     train_parser.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out")
     train_parser.add_argument("--editor", help="a saved editor to go on training (default: a new one)")
     train_parser.add_argument("--edit-modules", nargs="+", help="layers to edit (default: per architecture family)")
-    train_parser.add_argument("--rank", type=int, default=1920, help="rank of the hyper-network blocks")
-    train_parser.add_argument("--n-blocks", type=int, default=2, help="residual blocks per hyper-network")
-    train_parser.add_argument("--lr-init", type=float, default=1e-6, help="initial per-layer lr")
-    train_parser.add_argument("--log-lambda-init", type=float, default=0.0, help="initial per-layer log ridge")
+    train_parser.add_argument("--rank", type=_positive_int, default=1920, help="rank of the hyper-network blocks")
+    train_parser.add_argument("--n-blocks", type=_non_negative_int, default=2, help="residual blocks per hyper-net")
+    train_parser.add_argument("--lr-init", type=_finite_float, default=1e-6, help="initial per-layer lr")
+    train_parser.add_argument("--log-lambda-init", type=_finite_float, default=0.0, help="initial per-layer log ridge")
     train_parser.add_argument("--aggregation", default="least_squares", choices=["least_squares", "sum"])
     train_parser.add_argument(
         "--token-positions",
@@ -548,9 +583,9 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     )
     eval_parser.add_argument("--data", default=str(DEFAULT_DATA), help="facts to edit (JSON or JSONL)")
     _add_format_option(eval_parser)
-    eval_parser.add_argument("--num-facts", type=int, default=100, help="facts edited at once (N)")
-    eval_parser.add_argument("--offset", type=int, default=0, help="records of the file to skip first")
-    eval_parser.add_argument("--batch-size", type=int, default=32, help="facts per base-model pass")
+    eval_parser.add_argument("--num-facts", type=_positive_int, default=100, help="facts edited at once (N)")
+    eval_parser.add_argument("--offset", type=_non_negative_int, default=0, help="records of the file to skip first")
+    eval_parser.add_argument("--batch-size", type=_positive_int, default=32, help="facts per base-model pass")
     eval_parser.add_argument(
         "--scores",
         nargs="+",
@@ -592,8 +627,8 @@ def _add_edit(commands: argparse._SubParsersAction) -> None:
     edit_parser.add_argument(
         "--fact", nargs=2, action="append", metavar=("PROMPT", "TARGET"), help="a fact to edit (repeatable)"
     )
-    edit_parser.add_argument("--show", type=int, default=10, help="facts whose answers are printed")
-    edit_parser.add_argument("--batch-size", type=int, default=32, help="facts per base-model pass")
+    edit_parser.add_argument("--show", type=_non_negative_int, default=10, help="facts whose answers are printed")
+    edit_parser.add_argument("--batch-size", type=_positive_int, default=32, help="facts per base-model pass")
     edit_parser.add_argument("--save-model", help="save the edited model here (an ordinary transformers folder)")
     edit_parser.add_argument("--save-edits", help="save the edit artifact here (shifts + manifest)")
     edit_parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -666,7 +701,10 @@ def main(argv: list[str] | None = None) -> None:
         _status("other processes keep a core busy: torch's threads wait passively (OMP_WAIT_POLICY=PASSIVE; set it)")
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, OSError) as error:
+    except Exception as error:
+        # huggingface_hub's strict dataclasses (MalmenConfig) raise their own errors, not ValueError.
+        if not isinstance(error, (ValueError, OSError)) and not type(error).__name__.startswith("StrictDataclass"):
+            raise
         print(f"malmen-hf {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
 

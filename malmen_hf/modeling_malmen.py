@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 from huggingface_hub import HfApi
+from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.utils import cached_file
 
 from .configuration_malmen import MalmenConfig
 from .editing import apply_edits, attach_editor
@@ -254,6 +256,7 @@ class MalmenEditorModel(MalmenPreTrainedModel):
         # and transformers' loading steps fail on that with a bare StopIteration (5.25) instead of a clear error.
         if not isinstance(kwargs.get("config"), MalmenConfig):
             kwargs["config"] = _editor_config(pretrained_model_name_or_path, kwargs)
+        _check_weight_shapes(pretrained_model_name_or_path, kwargs["config"], kwargs)
         editor, info = super().from_pretrained(
             pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
         )
@@ -397,6 +400,44 @@ def _editor_config(name_or_path: str | os.PathLike, kwargs: dict[str, Any]) -> M
             "is it a base model's folder?). Save an editor there with `save_pretrained`."
         )
     return config
+
+
+def _check_weight_shapes(name_or_path: str | os.PathLike, config: MalmenConfig, kwargs: dict[str, Any]) -> None:
+    """
+    Compares the tensors the config describes (names and shapes) with those in the weights file's header (read
+    without the weights), before anything is allocated: a small folder whose config claims huge layers is refused at
+    once instead of allocating them first.
+    """
+    hub_kwargs = {key: kwargs[key] for key in _CONFIG_LOADING_KWARGS if key in kwargs}
+    path = cached_file(
+        resolve_editor(name_or_path), "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub_kwargs
+    )
+    if path is None:
+        return  # sharded or another format: transformers compares the shapes as it loads them
+    renames = {**_RENAMED_WEIGHTS, **(kwargs.get("key_mapping") or {})}
+    with safe_open(path, framework="pt") as weights:
+        found = {_renamed(name, renames): tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
+    with torch.device("meta"):
+        expected = {name: tuple(tensor.shape) for name, tensor in MalmenEditorModel(config).state_dict().items()}
+    problems = {
+        "missing_keys": sorted(set(expected) - set(found)),
+        "unexpected_keys": sorted(set(found) - set(expected)),
+        "mismatched_keys": sorted(f"{name}: {found[name]} in the file, {shape} in the config"
+                                  for name, shape in expected.items() if name in found and found[name] != shape),
+    }  # fmt: skip
+    problems = {kind: names[:20] for kind, names in problems.items() if names}
+    if problems:
+        raise ValueError(
+            f"The weights in {name_or_path} do not match the editor its config describes ({problems}): the folder "
+            "is damaged or mixes two editors. Save the editor again."
+        )
+
+
+def _renamed(name: str, renames: dict[str, str]) -> str:
+    """A weight's name after `from_pretrained`'s `key_mapping` (regular expressions, as transformers applies them)."""
+    for pattern, replacement in renames.items():
+        name = re.sub(pattern, replacement, name)
+    return name
 
 
 def _editor_card(editor: MalmenEditorModel, editor_id: str) -> Any:

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
@@ -369,3 +370,63 @@ def test_beside_a_busy_neighbour_the_command_line_sets_the_passive_policy_before
         neighbour.wait()
     assert result.stdout.split() == ["PASSIVE", "False"]
     assert "torch's threads wait passively" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["train", "--data", "{cf}", "--rank", "0"], "argument --rank: must be a positive integer, got 0"),
+        (["train", "--data", "{cf}", "--log-lambda-init", "inf"], "argument --log-lambda-init: must be a finite"),
+        (["edit", "--fact", "A is", "B", "--show", "-1"], "argument --show: must be 0 or more, got -1"),
+        (["eval", "--data", "{cf}", "--offset", "-1"], "argument --offset: must be 0 or more, got -1"),
+        (["eval", "--data", "{cf}", "--num-facts", "0"], "argument --num-facts: must be a positive integer"),
+    ],
+)
+def test_bad_numbers_fail_in_one_line_before_the_model_loads(saved, capsys, monkeypatch, command, message):
+    from malmen_hf import offline_models
+
+    folder, _, _ = saved
+    monkeypatch.setattr(offline_models, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("model loaded"))
+    command = [part.format(cf=folder / "cf.json") for part in command] + ["--model", str(folder / "model")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"after": {"ES": 1.0}, "data": "cf.json"}', "lacks num_facts, data or after"),
+        ('{"rows": [1, 2]}', "its rows are not objects with an n"),
+        ("[1, 2]", "is neither `malmen-hf eval --json` output nor a quality benchmark result"),
+        ("{not json", "is not JSON"),
+    ],
+)
+def test_card_with_a_malformed_results_file_fails_in_one_line(saved, capsys, content, message):
+    folder, _, _ = saved
+    (folder / "bad.json").write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["card", "--editor", str(folder / "editor"), "--results", str(folder / "bad.json")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_an_interrupted_save_model_leaves_the_previous_folder(saved, capsys, monkeypatch):
+    from transformers import PreTrainedModel
+
+    folder, _, _ = saved
+    command = ["edit", "--model", str(folder / "model"), "--editor", str(folder / "editor"),
+               "--fact", "The capital of France is", "Berlin", "--save-model", str(folder / "edited")]  # fmt: skip
+    main(command)
+    before = {path.name: path.read_bytes() for path in (folder / "edited").iterdir()}
+    original = PreTrainedModel.save_pretrained
+
+    def interrupted(self, directory, *args, **kwargs):
+        original(self, directory, *args, **kwargs)
+        (Path(directory) / "config.json").write_text("{trunc")  # a config cut short, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(command)
+    assert {path.name: path.read_bytes() for path in (folder / "edited").iterdir()} == before
+    assert [path.name for path in folder.iterdir() if path.name.startswith(".")] == []

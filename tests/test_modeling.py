@@ -9,7 +9,7 @@ import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from malmen_hf import MalmenConfig, MalmenEditorModel, default_edit_modules
 from tests import tiny
@@ -252,3 +252,25 @@ def test_unknown_architecture_asks_for_names():
 def test_config_validation_names_the_field(kwargs, field):
     with pytest.raises(StrictDataclassError, match=field):
         MalmenConfig(**kwargs)
+
+
+def test_a_config_claiming_other_shapes_than_the_weights_is_refused_before_allocating(tmp_path, monkeypatch):
+    trained_looking_editor().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    # 6 GB of hyper-networks at rank 1,920 if they were built: refused from the weights file's header alone.
+    config["edit_module_shapes"] = [[200_000, 32], [200_000, 32], [32, 320]]
+    config["rank"] = 1920
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(
+        PreTrainedModel, "from_pretrained", lambda *args, **kwargs: pytest.fail("built before checked")
+    )
+    with pytest.raises(
+        ValueError, match=r"do not match the editor its config describes .*'nets.200000x32.blocks.0.A'"
+    ):
+        MalmenEditorModel.from_pretrained(tmp_path)
+    # Same names, other shapes (a config edited by hand): refused the same way.
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["edit_module_shapes"], config["rank"] = [[128, 32], [128, 32], [32, 320]], 16
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"mismatched_keys.*nets.128x32.blocks.0.A: \(160, 8\) in the file"):
+        MalmenEditorModel.from_pretrained(tmp_path)
