@@ -239,7 +239,10 @@ def _fields(record: Mapping[str, Any], layout: _Layout) -> dict[str, Any]:
         if field == "rephrases":
             fields[field] = _rephrases(key, value)
         elif field == "ground_truth" and isinstance(value, list):
-            fields[field] = _rephrases(key, value)[0]  # zsRE's `answers`: the first is the one the model should give
+            answers = _rephrases(key, value)
+            if not answers:
+                raise ValueError(f"{key!r} must hold at least one answer, got []")
+            fields[field] = answers[0]  # zsRE's `answers`: the first is the one the model should give
         else:
             fields[field] = _text(key, value)
     for field in ("target", "locality_answer"):

@@ -427,3 +427,13 @@ def test_skip_invalid_with_nothing_valid(tmp_path):
     path.write_text(json.dumps({"prompt": "c", "target": ""}))
     with pytest.raises(ValueError, match="no valid record"), pytest.warns(UserWarning):
         load_edit_requests(path, skip_invalid=True)
+
+
+@pytest.mark.parametrize(("fmt", "key"), [("zsre", "answers"), ("counterfact", "ground_truth")])
+def test_an_empty_answers_list_is_a_clear_error_and_skipped_on_request(tmp_path, fmt, key):
+    path = write(tmp_path, with_change(RECORDS[fmt], 1, key, []))
+    with pytest.raises(ValueError, match=error_at(path, 1, f"{key!r} must hold at least one answer, got []")):
+        load_edit_requests(path, fmt)
+    with pytest.warns(UserWarning, match=r"skipped 1 malformed record\(s\)"):
+        requests = load_edit_requests(path, fmt, skip_invalid=True)
+    assert len(requests) == len(RECORDS[fmt]) - 1

@@ -87,7 +87,7 @@ def fit_key_covariance(
         )
     modules = edited_modules(editor, model)
     kind = model_kind(model)
-    examples = [_as_plain_text_example(tokenizer, text, kind) for text in texts]
+    examples = _checked_texts(model, tokenizer, texts, kind)
     decoder_modules = set(modules) - encoder_module_names(model, modules, kind)
     sums = {
         name: torch.zeros(weight_shape(module)[0], weight_shape(module)[0], dtype=torch.float64)
@@ -115,8 +115,35 @@ def fit_key_covariance(
     finally:
         for hook in hooks:
             hook.remove()
+    broken = [name for name in modules if not torch.isfinite(sums[name]).all()]
+    if broken:
+        # Checked for every layer before any is fitted: the editor keeps its earlier covariance whole.
+        raise ValueError(
+            f"The keys of {broken} are not finite on these texts (NaN or infinite weights in the model?): no "
+            "covariance was fitted, the editor's earlier one is unchanged."
+        )
     for name in modules:
         editor.key_covariance(name).fit(sums[name], counts[name])
+
+
+def _checked_texts(model, tokenizer, texts: Sequence[str], kind: str) -> list[TokenizedExample]:
+    """The texts as examples, refusing what would fit nothing or fail half-way: no text, or one too long."""
+    if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+        raise ValueError("`texts` must be a list of strings (text the edits should leave alone).")
+    examples = [_as_plain_text_example(tokenizer, text, kind) for text in texts if text.strip()]
+    if not examples:
+        raise ValueError(
+            f"`texts` holds no text ({len(texts)} empty strings): give text the edits should leave alone, e.g. "
+            "`covariance_texts(facts)`. The editor's covariance is unchanged."
+        )
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for index, example in enumerate(examples):
+        if isinstance(limit, int) and len(example.input_ids) > limit:
+            raise ValueError(
+                f"text {index} is {len(example.input_ids)} tokens long but the model takes at most {limit}: "
+                "shorten or split it. The editor's covariance is unchanged."
+            )
+    return examples
 
 
 def covariance_texts(requests: Sequence[EditRequest], max_facts: int = 1000) -> list[str]:
