@@ -226,6 +226,7 @@ def cached_batches(
     [`cache_keys_and_value_grads`]), with the model frozen and in eval mode meanwhile.
     """
     encoder_modules = encoder_module_names(model, modules, kind)
+    _check_not_the_head(model, modules, kind)
     if token_positions == "subject_last":
         _check_subjects(examples, kind)
     with frozen(model), torch.enable_grad():
@@ -242,6 +243,17 @@ def encoder_module_names(model: nn.Module, modules: dict[str, nn.Module], kind: 
         return set()
     encoder_ids = {id(module) for module in model.get_encoder().modules()}
     return {name for name, module in modules.items() if id(module) in encoder_ids}
+
+
+def _check_not_the_head(model: nn.Module, modules: dict[str, nn.Module], kind: "ModelKind") -> None:
+    """A causal model's head runs on the scored positions only: it has no key at the others to read."""
+    head = model.get_output_embeddings() if kind == "causal" else None
+    for name, module in modules.items():
+        if module is head:
+            raise ValueError(
+                f"{name!r} is the model's output head: MALMEN edits layers inside the model (e.g. the MLP output "
+                "projections, `malmen_hf.default_edit_modules(model)`), not the head. Nothing was changed."
+            )
 
 
 def _check_subjects(examples: list[TokenizedExample], kind: "ModelKind") -> None:

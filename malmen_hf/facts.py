@@ -148,11 +148,25 @@ def subject_last_position(
     prompt, subject = (prompt.rstrip() if kind == "causal" else prompt.strip()), subject.strip()
     last_char = prompt.rindex(subject) + len(subject) - 1
     if tokenizer.is_fast:
-        # Character offsets are exact even when a token runs past the subject ("Darrieux's").
+        # Character offsets are exact even when a token runs past the subject ("Darrieux's"). A character that the
+        # tokenizer's normalizer drops belongs to no token: the subject then ends at the last token before it.
         offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-        return next(i for i, (start, end) in enumerate(offsets) if start <= last_char < end)
-    # A slow tokenizer has no offsets: count the tokens up to the subject's end, as ROME and MEMIT do.
-    return min(len(ids) for ids in encode_texts(tokenizer, [prompt[: last_char + 1], prompt])) - 1
+        before = [i for i, (start, end) in enumerate(offsets) if end > start and start <= last_char]
+        if before:
+            return before[-1]
+    else:
+        # No offsets: the first prefix of the prompt's tokens whose text holds the whole subject. (Counting the
+        # tokens of the text up to the subject's end can land elsewhere when the tokenizer splits that text apart.)
+        ids = encode_texts(tokenizer, [prompt])[0]
+        ending = prompt[: last_char + 1]
+        for position in range(len(ids)):
+            decoded = tokenizer.decode(ids[: position + 1], skip_special_tokens=True)
+            if " ".join(ending.split()) in " ".join(decoded.split()):
+                return position
+    raise ValueError(
+        f"the subject {subject!r} is in no token of the prompt {prompt!r} as this tokenizer reads it (its "
+        "normalizer removes it?): give a subject the tokenizer keeps."
+    )
 
 
 def tokenize_examples(

@@ -5,10 +5,12 @@ import json
 
 import pytest
 import torch
+from tokenizers import normalizers
 from transformers.pytorch_utils import Conv1D
 
 from malmen_hf import EditRequest, MalmenEditorModel, load_edit_requests
-from malmen_hf.facts import tokenize_edit_prompts
+from malmen_hf.facts import subject_last_position, tokenize_edit_prompts
+from tests import tiny
 from tests.conftest import FACTS, assert_bit_identical, snapshot
 from tests.test_apply_edits import assert_close_at_scale, edit_deltas, hf_example, untrained_editor
 
@@ -154,3 +156,22 @@ def test_config_round_trip(gpt2, tmp_path):
     model, _ = gpt2
     untrained_editor(model, token_positions="subject_last").save_pretrained(tmp_path)
     assert MalmenEditorModel.from_pretrained(tmp_path).config.token_positions == "subject_last"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_slow_tokenizer_finds_the_token_that_completes_the_subject(_built, family):
+    _, tokenizer = _built[family]
+    slow = copy.copy(tokenizer)
+    slow.__class__ = type("SlowTokenizer", (type(tokenizer),), {"is_fast": property(lambda self: False)})
+    for request in REQUESTS:
+        expected = subject_token(tokenizer, request.prompt, request.subject)
+        assert subject_last_position(slow, request.prompt, request.subject) == expected, request
+
+
+def test_a_subject_ending_in_a_character_the_normalizer_drops_ends_at_the_token_before():
+    tokenizer = tiny.gpt2_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = normalizers.Replace("!", "")
+    prompt = "Apple! was founded by"
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt)["input_ids"])
+    apple_ends_at = len(tokenizer("Apple")["input_ids"]) - 1
+    assert tokens[subject_last_position(tokenizer, prompt, "Apple!")] == tokens[apple_ends_at]

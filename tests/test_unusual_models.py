@@ -1,4 +1,4 @@
-"""Edits of compiled models, and layers whose gradient never arrives."""
+"""Compiled models, layers whose gradient never arrives, and the output head."""
 
 import copy
 
@@ -37,4 +37,13 @@ def test_a_layer_the_loss_does_not_reach_is_an_error_not_a_zero_edit(gpt2):
             editor.apply_edits(model, FACTS, tokenizer=tokenizer)
     finally:
         hook.remove()
+    assert_bit_identical(model, before)
+
+
+def test_editing_the_output_head_is_refused_clearly(gpt2):
+    model, tokenizer = gpt2
+    editor = MalmenEditorModel.for_model(model, edit_modules=["lm_head"], rank=4, lr_init=0.5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'lm_head' is the model's output head: MALMEN edits layers inside the model"):
+        editor.apply_edits(model, FACTS, tokenizer=tokenizer)
     assert_bit_identical(model, before)
