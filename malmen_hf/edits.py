@@ -71,14 +71,23 @@ class EditHandle:
     editor_name_or_path: str | None = None
     base_model_name_or_path: str | None = None
     _shifts: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    # Per module, the weight the edit shifted and the SHA-256 of what it left there (checked by `revert`).
+    _edited_weights: dict[str, tuple[torch.Tensor, str]] = field(default_factory=dict, repr=False)
 
     @property
     def applied(self) -> bool:
         """Whether these edits are still applied to the model."""
         return self in getattr(self._model, _EDIT_STACK, [])
 
-    def revert(self) -> None:
-        """Restores the weights this call changed, bit for bit. Later edits that are still applied must go first."""
+    def revert(self, force: bool = False) -> None:
+        """
+        Restores the weights this call changed, bit for bit, all or nothing. Later edits that are still applied must
+        go first.
+
+        Args:
+            force (`bool`, defaults to `False`): Restore even a weight that was replaced or changed since the edit by
+                something other than malmen-hf (that change is then lost). Without it, such a revert is refused.
+        """
         stack = getattr(self._model, _EDIT_STACK, [])
         if self not in stack:
             raise RuntimeError("These edits are not applied to the model (they were already reverted).")
@@ -87,11 +96,43 @@ class EditHandle:
                 f"{len(stack) - stack.index(self) - 1} later apply_edits call(s) are still applied on top of these "
                 "edits: revert those first (newest first), or call `revert_edits(model)` to undo all of them."
             )
-        with torch.no_grad():
-            for name, weight in self._original_weights.items():
-                self._model.get_submodule(name).weight.copy_(weight)
+        weights = {name: self._current_weight(name) for name in self._original_weights}
+        if not force:
+            self._check_unchanged(weights)
+        restored: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for name, original in self._original_weights.items():
+                    edited = weights[name].detach().clone()
+                    weights[name].copy_(original)
+                    restored.append((weights[name], edited))
+        except BaseException:
+            with torch.no_grad():  # all or nothing: the layers restored so far get their edited weights back
+                for weight, edited in restored:
+                    weight.copy_(edited)
+            raise
         stack.pop()
         self._original_weights = {}
+
+    def _current_weight(self, name: str) -> torch.Tensor:
+        try:
+            return self._model.get_submodule(name).weight
+        except AttributeError:
+            raise RuntimeError(f"The model no longer has the edited module {name!r}: nothing was reverted.") from None
+
+    def _check_unchanged(self, weights: dict[str, torch.Tensor]) -> None:
+        """Each edited weight must be the very tensor the edit shifted, still holding what the edit left there."""
+        for name, weight in weights.items():
+            parameter, digest = self._edited_weights.get(name, (None, None))
+            if parameter is None:
+                continue
+            if weight is not parameter or tensor_sha256(weight) != digest:
+                what = "was replaced" if weight is not parameter else "was changed"
+                raise RuntimeError(
+                    f"The weight of {name!r} {what} since these edits were applied, by something other than "
+                    "malmen-hf: reverting would overwrite that change. Nothing was reverted; call "
+                    "`revert(force=True)` to restore the weights from before the edit anyway."
+                )
 
     def save(self, save_directory: str | os.PathLike) -> None:
         """
@@ -143,6 +184,7 @@ def apply_shifts(
         editor_name_or_path=editor_name_or_path,
         base_model_name_or_path=base_model_name_or_path,
         _shifts=shifts if keep_shifts else None,
+        _edited_weights={name: (module.weight, tensor_sha256(module.weight)) for name, module in modules.items()},
     )
     # A plain attribute: the stack must stay out of the state dict.
     model.__dict__.setdefault(_EDIT_STACK, []).append(handle)

@@ -6,7 +6,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from malmen_hf import EditRequest, MalmenEditorModel, revert_edits
-from tests.conftest import assert_bit_identical, snapshot
+from tests.conftest import FACTS, assert_bit_identical, snapshot
 
 # lr and lambda of the training-free editor, tuned per family to the scale of the tiny models' keys.
 TRAINING_FREE = {"gpt2": (1.0, 0.0), "gptj": (1.0, 0.0), "llama": (100.0, -5.0), "t5": (1.0, 0.0)}
@@ -304,3 +304,39 @@ def test_half_precision_editor_accumulates_in_float32(gpt2, facts):
     for name in expected:
         # bf16 keys and value differences are rounded, but 140 batches of running sums are not
         assert_close_at_scale(actual[name], expected[name], tolerance=2e-2)
+
+
+def test_a_weight_changed_or_replaced_after_the_edit_is_not_silently_overwritten(gpt2):
+    model, tokenizer = gpt2
+    pristine = snapshot(model)
+    editor = MalmenEditorModel.for_model(model, rank=4, lr_init=0.5)
+    handle = editor.apply_edits(model, FACTS, tokenizer=tokenizer)
+    first, second = editor.config.edit_modules
+    after_edit = snapshot(model)
+    with torch.no_grad():
+        model.get_submodule(first).weight[0, 0] += 1.0  # the user's own change, after the edit
+    changed = snapshot(model)
+    with pytest.raises(RuntimeError, match=f"The weight of '{first}' was changed since these edits were applied"):
+        handle.revert()
+    assert_bit_identical(model, changed)
+    assert handle.applied
+    model.load_state_dict(after_edit)  # copies into the same tensors: the edit's own weights again
+    model.get_submodule(second).weight = torch.nn.Parameter(model.get_submodule(second).weight.detach().clone())
+    with pytest.raises(RuntimeError, match=f"The weight of '{second}' was replaced since"):
+        handle.revert()
+    handle.revert(force=True)
+    assert_bit_identical(model, pristine)
+    assert not handle.applied
+
+
+def test_a_revert_that_fails_half_way_restores_nothing(gpt2):
+    model, tokenizer = gpt2
+    editor = MalmenEditorModel.for_model(model, rank=4, lr_init=0.5)
+    handle = editor.apply_edits(model, FACTS, tokenizer=tokenizer)
+    edited = snapshot(model)
+    second = editor.config.edit_modules[1]
+    handle._original_weights[second] = torch.zeros(3)  # copying it into the layer fails, after the first is restored
+    with pytest.raises(RuntimeError):
+        handle.revert()
+    assert_bit_identical(model, edited)
+    assert handle.applied
