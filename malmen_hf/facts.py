@@ -198,12 +198,14 @@ def _tokenize_causal(
     # first target token (GPT-2's " Rome"), which tokenizing "Rome" on its own would get wrong. One call per list:
     # a fast tokenizer encodes a list in one go, several times faster than text by text for thousands of facts.
     texts = [f"{prompt} {target.lstrip()}" for prompt, target in zip(prompts, targets, strict=True)]
-    return [
-        _causal_example(tokenizer, prompt_ids, full_ids, target)
-        for prompt_ids, full_ids, target in zip(
-            encode_texts(tokenizer, prompts), encode_texts(tokenizer, texts), targets, strict=True
-        )
-    ]
+    examples = []
+    pairs = zip(encode_texts(tokenizer, prompts), encode_texts(tokenizer, texts), targets, strict=True)
+    for index, (prompt_ids, full_ids, target) in enumerate(pairs):
+        try:
+            examples.append(_causal_example(tokenizer, prompt_ids, full_ids, target))
+        except ValueError as error:
+            raise ValueError(f"fact {index}: {error}") from None
+    return examples
 
 
 def _causal_example(
@@ -212,6 +214,11 @@ def _causal_example(
     if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
         # The tokenizer merged across the boundary: tokenize the target apart, with its space.
         full_ids = prompt_ids + tokenizer(" " + target.lstrip(), add_special_tokens=False)["input_ids"]
+    if not tokenizer.decode(full_ids[len(prompt_ids) :], skip_special_tokens=True).strip():
+        raise ValueError(
+            f"the target {target!r} is erased by the tokenizer (its tokens decode to nothing but space): give a "
+            "target the tokenizer keeps."
+        )
     labels = [IGNORE_INDEX] * len(full_ids)
     # Position t predicts token t + 1: the target tokens are scored at the positions just before them.
     labels[len(prompt_ids) - 1 : len(full_ids) - 1] = full_ids[len(prompt_ids) :]

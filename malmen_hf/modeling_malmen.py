@@ -266,6 +266,7 @@ class MalmenEditorModel(MalmenPreTrainedModel):
                 f"The weights in {pretrained_model_name_or_path} do not match the editor its config describes "
                 f"({problems}): the folder is damaged or mixes two editors. Save the editor again."
             )
+        _check_values(editor, pretrained_model_name_or_path)
         return (editor, info) if output_loading_info else editor
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
@@ -372,6 +373,7 @@ _SAVES_ORIGINAL_FORMAT = "save_original_format" in inspect.signature(PreTrainedM
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
+_FLOATING_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors' names
 _CONFIG_LOADING_KWARGS = (
     "cache_dir",
     "force_download",
@@ -416,7 +418,15 @@ def _check_weight_shapes(name_or_path: str | os.PathLike, config: MalmenConfig, 
         return  # sharded or another format: transformers compares the shapes as it loads them
     renames = {**_RENAMED_WEIGHTS, **(kwargs.get("key_mapping") or {})}
     with safe_open(path, framework="pt") as weights:
-        found = {_renamed(name, renames): tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
+        slices = {_renamed(name, renames): weights.get_slice(name) for name in weights.keys()}  # noqa: SIM118
+        found = {name: tuple(piece.get_shape()) for name, piece in slices.items()}
+        not_floating = sorted(f"{name} ({piece.get_dtype()})" for name, piece in slices.items()
+                              if piece.get_dtype() not in _FLOATING_DTYPES)  # fmt: skip
+    if not_floating:
+        raise ValueError(
+            f"The weights in {name_or_path} hold tensors that are not floating point: {not_floating[:5]}: the editor "
+            "is damaged. Save or train it again."
+        )
     with torch.device("meta"):
         expected = {name: tuple(tensor.shape) for name, tensor in MalmenEditorModel(config).state_dict().items()}
     problems = {
@@ -431,6 +441,18 @@ def _check_weight_shapes(name_or_path: str | os.PathLike, config: MalmenConfig, 
             f"The weights in {name_or_path} do not match the editor its config describes ({problems}): the folder "
             "is damaged or mixes two editors. Save the editor again."
         )
+
+
+def _check_values(editor: MalmenEditorModel, name_or_path: str | os.PathLike) -> None:
+    """Values no saved editor holds: NaN or infinite ones, or a negative variance (the dtypes are checked before)."""
+    for name, tensor in editor.state_dict().items():
+        if not torch.isfinite(tensor).all():
+            problem = "holds NaN or infinite values"
+        elif name.endswith("normalizer.var") and (tensor < 0).any():
+            problem = "holds a negative variance"
+        else:
+            continue
+        raise ValueError(f"{name} in {name_or_path} {problem}: the editor is damaged. Save or train it again.")
 
 
 def _renamed(name: str, renames: dict[str, str]) -> str:

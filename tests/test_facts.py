@@ -70,3 +70,15 @@ def test_edit_request_validates_itself():
         EditRequest("  ", "t")
     with pytest.raises(ValueError, match="'rephrases' must be non-empty strings"):
         EditRequest("p", "t", rephrases=["ok", ""])
+
+
+def test_a_target_the_tokenizer_erases_is_refused():
+    from tokenizers import normalizers
+
+    from malmen_hf.facts import tokenize_examples
+    from tests import tiny
+
+    tokenizer = tiny.gpt2_tokenizer()
+    tokenizer.backend_tokenizer.normalizer = normalizers.Replace("!", "")
+    with pytest.raises(ValueError, match="fact 1: the target '!!' is erased by the tokenizer"):
+        tokenize_examples(tokenizer, ["The capital of France is", "Apple was founded by"], ["Rome", "!!"], "causal")

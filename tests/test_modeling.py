@@ -274,3 +274,19 @@ def test_a_config_claiming_other_shapes_than_the_weights_is_refused_before_alloc
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"mismatched_keys.*nets.128x32.blocks.0.A: \(160, 8\) in the file"):
         MalmenEditorModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("nets.128x32.lr", torch.tensor([float("nan"), 1.0]), "nets.128x32.lr in .* holds NaN or infinite values"),
+        ("nets.128x32.normalizer.var", -torch.ones(160), "normalizer.var in .* holds a negative variance"),
+        ("nets.128x32.log_lambda", torch.tensor([1, 2]), r"not floating point: \['nets.128x32.log_lambda \(I64\)'\]"),
+    ],
+)
+def test_an_editor_with_impossible_values_is_refused_at_load_time(tmp_path, name, value, message):
+    trained_looking_editor().save_pretrained(tmp_path)
+    save_file({**load_file(tmp_path / "model.safetensors"), name: value}, tmp_path / "model.safetensors",
+              {"format": "pt"})  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        MalmenEditorModel.from_pretrained(tmp_path)
