@@ -44,7 +44,12 @@ DEFAULT_DATA = [REPO_ROOT.parent / "shared" / "data" / "counterfact" / name for 
 # version). `prepare` fetches the versions installed here.
 WHEELS = ["transformers", "regex", "datasets", "dill", "multiprocess", "evaluate"]
 TESTS_LIMIT_S = 200  # of the 420 s budget: the rest is the speed step's
-DEVICE_TESTS = ["tests/test_apply_edits.py", "tests/test_training.py", "tests/test_device_map.py"]
+DEVICE_TESTS = [
+    "tests/test_apply_edits.py",
+    "tests/test_caching.py",
+    "tests/test_training.py",
+    "tests/test_device_map.py",
+]
 VERSIONS_SCRIPT = """
 import json, torch, transformers, accelerate
 print(json.dumps({

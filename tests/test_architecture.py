@@ -29,13 +29,22 @@ def imports_of(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def package_graph() -> dict[str, set[str]]:
-    """Module -> the package's modules it imports (`from . import x` counts as importing `malmen_hf.x`)."""
+    """
+    Module -> the package's modules it imports (`from . import x` counts as importing `malmen_hf.x`). A public name
+    imported from the package root (`from malmen_hf import MalmenEditorModel`) counts as importing the module that
+    defines it (the root's lazy export table): that is what runs when the name is first used.
+    """
     files = {module_name(path): path for path in PACKAGE.rglob("*.py") if "metric_modules" not in path.parts}
     graph = {}
     for name, path in files.items():
         edges = set()
         for target, names in imports_of(path):
-            for candidate in [target, *(f"{target}.{imported}" for imported in names)]:
+            candidates = [target, *(f"{target}.{imported}" for imported in names)]
+            if target == "malmen_hf":
+                candidates += [
+                    f"malmen_hf.{malmen_hf._EXPORTS[imported]}" for imported in names if imported in malmen_hf._EXPORTS
+                ]
+            for candidate in candidates:
                 if candidate in files and candidate != name:
                     edges.add(candidate)
         graph[name] = edges

@@ -1,6 +1,8 @@
 """The CPU path of `benchmarks/device_check.py`: the steps a lent GPU machine runs, on a tiny model."""
 
 import json
+import re
+import subprocess
 import sys
 
 from tests import tiny
@@ -35,3 +37,17 @@ def test_device_check_runs_its_steps_on_the_cpu(tmp_path, monkeypatch):
         assert row["edit_total_s"] > 0 and row["forward_s"] > 0 and row["edit_over_forward"] > 0
         assert row["tokens"] >= row["n"]
     assert {path.name for path in (tmp_path / "out").iterdir()} == {"device_check.json", "edit_speed.json", "log.txt"}
+
+
+def test_every_listed_device_test_file_holds_cuda_tests(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["device_check.py"])
+    device_check = load_benchmark("device_check")
+    assert "tests/test_caching.py" in device_check.DEVICE_TESTS  # the restricted backward, on the GPU too
+    for path in device_check.DEVICE_TESTS:
+        collected = subprocess.run(
+            [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", path],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert collected.returncode == 0, collected.stdout + collected.stderr
+        assert re.search(r"^(\d+)/\d+ tests collected", collected.stdout, re.M), (path, collected.stdout)
+        assert int(re.search(r"^(\d+)/", collected.stdout, re.M).group(1)) > 0, path

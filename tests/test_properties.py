@@ -85,6 +85,9 @@ class Run:
         self.stack.append((handle, before))
         self.expected = snapshot(self.model)
         assert self.expected.keys() == before.keys()
+        # The edit changed the edited layers' weights, each of them, and nothing else.
+        changed = {name for name, tensor in before.items() if not torch.equal(tensor, self.expected[name])}
+        assert changed == {f"{name}.weight" for name in self.editor.config.edit_modules}
 
     def revert(self):
         if not self.stack:
