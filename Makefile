@@ -1,8 +1,11 @@
 # Two commands on a fresh machine: `make demo` (set up, then edit a real model) and `make test` (set up, then test).
 VENV ?= .venv
 PYTHON ?= python3
-# The CPU build of torch; on a CUDA machine run e.g. `make install TORCH="torch==2.13.0"` with the CUDA index in pip's config.
+# torch from PyTorch's CPU wheel index: on Linux, PyPI's torch is the CUDA build (several GB). On a CUDA machine:
+# `make install TORCH_INDEX=https://download.pytorch.org/whl/cu130`; `TORCH_INDEX=` takes torch from pip's own sources.
+# Where that index is out of reach, pip says so once per package and uses the sources of its configuration.
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN = $(VENV)/bin
 
 .PHONY: install test test-fast demo lint bench bench-quality device-check
@@ -10,7 +13,7 @@ BIN = $(VENV)/bin
 $(BIN)/malmen-hf: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet --retries 1 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
