@@ -20,6 +20,7 @@ _EXPORTS = {
     "apply_edits": "editing",
     "apply_memit": "memit",
     "default_edit_modules": "layers",
+    "edit_history": "edits",
     "fit_key_covariance": "training.fitting",
     "fit_normalizer": "training.fitting",
     "generate_context_templates": "memit",

@@ -81,6 +81,12 @@ class MalmenConfig(PreTrainedConfig):
             K^T D` for `n` facts: the shift then changes what the layer does on other text much less, where the ridge
             alone protects every direction alike. `0` leaves it out. `C0` is fitted with [`fit_key_covariance`] and
             saved with the editor.
+        history_weight (`float`, defaults to 0.0):
+            `b`: the weight of the keys of earlier rounds of edits on the same model in the normal equation,
+            `S = (K^T K + a n C0 + b H + exp(lambda) I)^-1 K^T D` with `H` the sum of `K^T K` over the rounds applied
+            before (lifelong editing: a later round keeps the values the earlier ones wrote at their keys). With
+            `b > 0` every round adds its `K^T K` to the model's history (one `d_in x d_in` matrix per edited layer;
+            see `malmen_hf.edits.edit_history`); `0` neither uses nor keeps one.
         covariance_rank (`int`, defaults to 128):
             How many leading eigenvectors of each `C0` are kept (the rest is replaced by their mean eigenvalue times
             the identity), which keeps a saved editor small.
@@ -112,6 +118,7 @@ class MalmenConfig(PreTrainedConfig):
     token_positions: Literal["target", "all", "subject_last"] = "target"
     covariance_weight: float | int = validated_field(_non_negative_number, default=0.0)
     covariance_rank: int = validated_field(_positive, default=128)
+    history_weight: float | int = validated_field(_non_negative_number, default=0.0)
     normalizer_eps: float | int = validated_field(_positive, default=1e-5)
     training: dict | None = None
 

@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .caching import cached_batches
-from .edits import EditHandle, apply_shifts, revert_edits
+from .edits import EditHandle, apply_shifts, edit_history, revert_edits
 from .facts import (
     IGNORE_INDEX,
     EditRequest,
@@ -82,7 +82,7 @@ def apply_edits(
     _check_lengths(model, examples)
 
     timings = {"caching": 0.0, "hypernetwork": 0.0, "solve_and_apply": 0.0}
-    sums = NormalEquationSums(editor, modules, num_facts=len(requests), dual=True)
+    sums = NormalEquationSums(editor, modules, num_facts=len(requests), dual=True, history=edit_history(model))
     rows = _RowBuffer(editor_batch_size)
     start = time.perf_counter()
     stream = cached_batches(
@@ -120,6 +120,7 @@ def apply_edits(
         editor_name_or_path=getattr(editor, "name_or_path", None) or None,
         base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None,
         keep_shifts=keep_shifts,
+        history=sums.history_after(),
     )
     timings["solve_and_apply"] = time.perf_counter() - start
     return handle

@@ -29,6 +29,7 @@ from .saving import atomic_directory, file_sha256
 
 MANIFEST_NAME = "edit_manifest.json"
 SHIFTS_NAME = "edit_shifts.safetensors"
+HISTORY_NAME = "edit_history.safetensors"
 FORMAT = "malmen-hf-edits"
 FORMAT_VERSION = 2
 # Every field of a manifest, with its JSON type(s).
@@ -40,6 +41,7 @@ _MANIFEST_FIELDS = {
 
 
 _EDIT_STACK = "_malmen_edit_handles"
+_EDIT_HISTORY = "_malmen_edit_history"
 
 
 @dataclass
@@ -73,6 +75,9 @@ class EditHandle:
     _shifts: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     # Per module, the weight the edit shifted and the SHA-256 of what it left there (checked by `revert`).
     _edited_weights: dict[str, tuple[torch.Tensor, str]] = field(default_factory=dict, repr=False)
+    # The model's edit history before and after this round (`None`: the round kept none); see `edit_history`.
+    _history_before: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _history_after: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def applied(self) -> bool:
@@ -112,6 +117,8 @@ class EditHandle:
                     weight.copy_(edited)
             raise
         stack.pop()
+        if self._history_after is not None:  # the history as it was before this round, the very same tensors
+            _set_history(self._model, self._history_before)
         self._original_weights = {}
 
     def _current_weight(self, name: str) -> torch.Tensor:
@@ -145,6 +152,24 @@ class EditHandle:
         save_edits(self, save_directory)
 
 
+def edit_history(model: nn.Module) -> dict[str, torch.Tensor]:
+    """
+    The keys of the rounds of edits applied to `model` by editors with `history_weight > 0`: per edited layer, the sum
+    of `K^T K` over those rounds, one `d_in x d_in` matrix (empty when there is none). Later rounds add it to their
+    normal equation; reverting a round restores it as it was before that round. Saved with each round's edits
+    ([`EditHandle.save`]) and set again by [`load_edits`], so a history continues in another process.
+    """
+    return dict(model.__dict__.get(_EDIT_HISTORY) or {})
+
+
+def _set_history(model: nn.Module, history: dict[str, torch.Tensor] | None) -> None:
+    # A plain attribute, like the stack of handles: the history stays out of the state dict.
+    if history:
+        model.__dict__[_EDIT_HISTORY] = history
+    else:
+        model.__dict__.pop(_EDIT_HISTORY, None)
+
+
 def revert_edits(model: nn.Module) -> int:
     """Reverts every edit applied to `model`, newest first; returns how many `apply_edits` calls were undone."""
     stack = getattr(model, _EDIT_STACK, [])
@@ -166,10 +191,11 @@ def apply_shifts(
     editor_name_or_path: str | None,
     base_model_name_or_path: str | None,
     keep_shifts: bool = True,
+    history: dict[str, torch.Tensor] | None = None,
 ) -> EditHandle:
     """
     Adds each shift to its module's weight (all or nothing, see [`shift_weights`]) and records the edit on `model`:
-    the returned handle reverts it.
+    the returned handle reverts it. `history`, when given, becomes the model's edit history (see [`edit_history`]).
     """
     handle = EditHandle(
         modules=list(modules),
@@ -185,9 +211,13 @@ def apply_shifts(
         base_model_name_or_path=base_model_name_or_path,
         _shifts=shifts if keep_shifts else None,
         _edited_weights={name: (module.weight, tensor_sha256(module.weight)) for name, module in modules.items()},
+        _history_before=edit_history(model) if history is not None else None,
+        _history_after=history,
     )
     # A plain attribute: the stack must stay out of the state dict.
     model.__dict__.setdefault(_EDIT_STACK, []).append(handle)
+    if history is not None:
+        _set_history(model, history)
     return handle
 
 
@@ -241,6 +271,11 @@ def save_edits(handle: "EditHandle", save_directory: str | os.PathLike) -> None:
     # The folder is written aside and put in place in one step: a failed or killed save leaves the previous one.
     with atomic_directory(save_directory) as folder:
         save_file(shifts, folder / SHIFTS_NAME, metadata={"format": FORMAT})
+        history = {}
+        if handle._history_after is not None:
+            # The model's edit history after this round: loading these edits in another process continues it.
+            history = {name: tensor.detach().cpu().contiguous() for name, tensor in handle._history_after.items()}
+            save_file(history, folder / HISTORY_NAME, metadata={"format": FORMAT})
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -253,6 +288,8 @@ def save_edits(handle: "EditHandle", save_directory: str | os.PathLike) -> None:
             "shifts_sha256": file_sha256(folder / SHIFTS_NAME),
             "facts": [dataclasses.asdict(fact) for fact in handle.facts],
         }
+        if history:
+            manifest["history_sha256"] = file_sha256(folder / HISTORY_NAME)
         manifest["manifest_sha256"] = _manifest_digest(manifest)
         (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, allow_nan=False), encoding="utf-8")
 
@@ -291,6 +328,7 @@ def load_edits(model: nn.Module, directory: str | os.PathLike, *, editor: nn.Mod
     check_materialized(model)
     modules = {name: _checked_module(model, folder, manifest, name, shifts[name]) for name in manifest["modules"]}
     _check_editor_modules(folder, modules, editor if editor is not None else getattr(model, "malmen_editor", None))
+    history = _read_history(folder, manifest)
     return apply_shifts(  # all or nothing: the last step that can fail
         model,
         modules,
@@ -301,7 +339,25 @@ def load_edits(model: nn.Module, directory: str | os.PathLike, *, editor: nn.Mod
         timings={},
         editor_name_or_path=manifest["editor"],
         base_model_name_or_path=manifest["base_model"],
+        history=history,
     )
+
+
+def _read_history(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The edit history saved with the edits (edits made with `history_weight > 0`), checked; else `None`."""
+    digest = manifest.get("history_sha256")
+    if digest is None:
+        return None
+    path = folder / HISTORY_NAME
+    if not isinstance(digest, str) or not path.is_file() or file_sha256(path) != digest:
+        raise ValueError(
+            f"{path} is missing or is not the file its manifest describes (its SHA-256 differs); nothing was changed"
+        )
+    history = load_file(path)
+    for name, gram in history.items():
+        if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or not torch.isfinite(gram).all():
+            raise ValueError(f"{path}: the history of {name!r} is not a finite square matrix; nothing was changed")
+    return history
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

@@ -20,13 +20,23 @@ class NormalEquationSums:
     in time and memory with fewer tokens than key features. Training back-propagates through the sums: no `dual`.
     """
 
-    def __init__(self, editor: nn.Module, modules: dict[str, nn.Module], num_facts: int, dual: bool = False):
+    def __init__(
+        self,
+        editor: nn.Module,
+        modules: dict[str, nn.Module],
+        num_facts: int,
+        dual: bool = False,
+        history: dict[str, torch.Tensor] | None = None,
+    ):
         self.editor = editor
         self.least_squares = editor.config.aggregation == "least_squares"
         self.num_facts = num_facts
         # The preserved keys' covariance is a d_in x d_in term of the normal equation: no n x n dual form then.
         self.covariance_weight = editor.config.covariance_weight if self.least_squares else 0.0
-        dual = dual and self.covariance_weight == 0
+        # Earlier rounds' keys (lifelong editing): another d_in x d_in term, and this round's K^T K is kept for them.
+        self.history_weight = getattr(editor.config, "history_weight", 0.0) if self.least_squares else 0.0
+        self.history = history or {}
+        dual = dual and self.covariance_weight == 0 and self.history_weight == 0
         if self.covariance_weight > 0:
             _check_covariances_fitted(editor, modules)
         # The running sums stay in (at least) float32 even for a half-precision editor: they add up many batches.
@@ -71,11 +81,27 @@ class NormalEquationSums:
         self.cross[name].addmm_(keys.T, diffs)
 
     def system_gram(self, name: str) -> torch.Tensor:
-        """`K^T K + a n C0`: the normal equation's matrix without its ridge (MEMIT's preserved keys, when `a > 0`)."""
-        if self.covariance_weight == 0:
-            return self.gram[name]
-        covariance = self.editor.key_covariance(name).matrix().to(self.gram[name])
-        return self.gram[name] + self.covariance_weight * self.num_facts * covariance
+        """
+        `K^T K + a n C0 + b H`: the normal equation's matrix without its ridge (MEMIT's preserved keys, when `a > 0`;
+        the keys of earlier rounds, when `b > 0` and the model has a history).
+        """
+        gram = self.gram[name]
+        if self.covariance_weight > 0:
+            covariance = self.editor.key_covariance(name).matrix().to(gram)
+            gram = gram + self.covariance_weight * self.num_facts * covariance
+        if self.history_weight > 0 and name in self.history:
+            gram = gram + self.history_weight * self.history[name].to(gram)
+        return gram
+
+    def history_after(self) -> dict[str, torch.Tensor] | None:
+        """
+        The model's history once this round is applied (`H + K^T K` per layer, new tensors), or `None` when the
+        editor keeps none (`history_weight` 0, or MEND's sum).
+        """
+        if self.history_weight == 0:
+            return None
+        return {name: self.history[name].to(self.gram[name]) + self.gram[name] if name in self.history
+                else self.gram[name].clone() for name in self.names}  # fmt: skip
 
     def _stacked_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat([keys for keys, _ in self.rows[name]]), torch.cat([diffs for _, diffs in self.rows[name]])
