@@ -57,7 +57,8 @@ for number, block in enumerate(json.loads(sys.argv[1]), 1):
 
 
 def test_the_readme_has_the_blocks_this_test_knows():
-    assert len(BLOCKS) == 4 and "push_to_hub" in BLOCKS[1] and "evaluate.load" in BLOCKS[3]
+    assert len(BLOCKS) == 5 and "apply_memit" in BLOCKS[1] and "push_to_hub" in BLOCKS[2]
+    assert "evaluate.load" in BLOCKS[4]
 
 
 def test_every_python_block_of_the_readme_runs(tiny_short_names, tmp_path):
