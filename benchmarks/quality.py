@@ -10,6 +10,10 @@ at once on SmolLM2-135M by each method, scored, and reverted, all in one run:
   lambda chosen on `train.json` (never on `edit.json`): a grid search with `--tune`, or `--training-free-lr/-lambda`;
 - `fine_tuning`: constrained fine-tuning of the same layers on the same facts (ROME's FT-L baseline): `--ft-steps`
   full-batch Adam steps on the per-fact edit loss, the change of each weight clamped to `--ft-max-change` after each;
+- `memit`: MEMIT (`malmen_hf.apply_memit`) on the `--memit-layers` band, its preserved keys' weight `--memit-preserve`
+  chosen on train.json (`benchmarks/memit_sweep.py`), its covariance fitted on `--memit-covariance-facts` train
+  facts; the per-fact values are computed once for the first max(N) facts and cached in `--memit-cache` (resumable),
+  so `edit s` is the spreading only and `values s` the value step's share of those facts;
 - `no_edit`: the unedited model.
 
 N = 1 is the mean of `--single-trials` separate one-fact edits. Above `--score-sample` facts the scores are measured
@@ -37,20 +41,29 @@ from pathlib import Path
 
 import torch
 
-from malmen_hf import MalmenEditorModel, default_edit_modules, load_edit_requests, training_free_editor
+from malmen_hf import (
+    MalmenEditorModel,
+    apply_memit,
+    default_edit_modules,
+    fit_key_covariance,
+    load_edit_requests,
+    training_free_editor,
+)
 from malmen_hf.caching import frozen
 from malmen_hf.evaluation.metrics import SCORES, locality_predictions, scores_of_model
 from malmen_hf.facts import IGNORE_INDEX, batches_by_length, collate, pad_id_of, tokenize_edit_prompts
+from malmen_hf.memit import MemitSettings, generate_context_templates, residual_module_name
 from malmen_hf.offline_models import load_model_and_tokenizer
 from malmen_hf.scoring import per_fact_loss, rows_of_scored_tokens, scored_logits
-from malmen_hf.training.fitting import TRAINING_FREE_LOG_LAMBDA, TRAINING_FREE_LR
+from malmen_hf.training.fitting import TRAINING_FREE_LOG_LAMBDA, TRAINING_FREE_LR, covariance_texts
+from malmen_hf.training.teacher import teacher_seconds, teacher_values
 
 from common import command_line, load_counterfact_requests, machine_info, markdown_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact"
 DEFAULT_OUTPUT = REPO_ROOT / "benchmarks" / "results" / "quality.json"
-METHODS = ("malmen", "mend", "training_free", "fine_tuning", "no_edit")
+METHODS = ("malmen", "mend", "training_free", "fine_tuning", "memit", "no_edit")
 PLOTTED = ("ES", "GS", "LS", "LS_acc", "ES_greedy", "CF_efficacy", "CF_paraphrase", "CF_neighborhood")
 TUNE_LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
 TUNE_LAMBDAS = (0.0, 2.0, 4.0)
@@ -78,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ft-lr", type=float, default=5e-4, help="Adam lr of constrained fine-tuning")
     parser.add_argument("--ft-max-change", type=float, default=5e-4, help="bound on each weight's change (L-inf)")
     parser.add_argument("--ft-max-n", type=int, default=1000, help="largest N fine-tuned (it costs steps x a pass)")
+    parser.add_argument("--memit-layers", default="12-17", help="FIRST-LAST: MEMIT's band of down_proj layers")
+    parser.add_argument("--memit-preserve", type=float, default=1.0, help="MEMIT's a (C0 weight per fact)")
+    parser.add_argument("--memit-log-lambda", type=float, default=-2.0)
+    parser.add_argument("--memit-covariance-facts", type=int, default=1000)
+    parser.add_argument("--memit-cache", type=Path, default=Path.home() / ".cache/malmen-hf/memit-edit")
     parser.add_argument("--single-trials", type=int, default=20, help="one-fact edits averaged at N = 1")
     parser.add_argument("--score-sample", type=int, default=1000, help="edited facts scored at most, per N")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -118,6 +136,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         edited = [requests[i : i + 1] for i in range(args.single_trials)] if n == 1 else [requests[:n]]
         groups = [prepare_group(group, model, tokenizer, args) for group in edited]  # shared by every method
+        if "memit" in methods:
+            # The values of the facts this N edits (cached on disk, in whole shards of 64 facts so that every N reads
+            # the same shards): a fact's value does not depend on N.
+            count = -(-max(n, args.single_trials) // 64) * 64
+            editors["memit"].compute_values(model, tokenizer, requests[:count], args.memit_cache)
         for method in methods:
             if method == "fine_tuning" and n > args.ft_max_n:
                 row = {"method": method, "n": n, "skipped": f"N > --ft-max-n ({args.ft_max_n}): too slow here"}
@@ -143,13 +166,57 @@ def load_editors(args, model, tokenizer) -> tuple[dict[str, MalmenEditorModel], 
         editors["training_free"] = editor
     if "fine_tuning" in args.methods:
         settings["fine_tuning_layers"] = edit_layers(editors, model)
+    if "memit" in args.methods:
+        editors["memit"], settings["memit"] = memit_editor(args, model, tokenizer)
     return editors, settings
+
+
+class MemitMethod:
+    """MEMIT's editor (layers, covariance), templates and settings, and the cached values of the edited facts."""
+
+    def __init__(self, editor, templates, settings, residual_module):
+        self.editor, self.templates, self.settings, self.residual_module = editor, templates, settings, residual_module
+        self.targets: dict[int, torch.Tensor] = {}  # id of a fact -> h + delta
+        self.values_seconds_per_fact = 0.0
+
+    def compute_values(self, model, tokenizer, facts, cache_dir: Path) -> None:
+        residuals, deltas = teacher_values(
+            model, tokenizer, facts, cache_dir, residual_module=self.residual_module,
+            context_templates=self.templates, settings=self.settings, chunk_size=64, progress=True,
+        )  # fmt: skip
+        seconds = teacher_seconds(cache_dir, len(facts))  # what they cost when computed, cached or not now
+        self.values_seconds_per_fact = seconds / len(facts) if seconds is not None else float("nan")
+        self.targets = {id(fact): target for fact, target in zip(facts, residuals + deltas, strict=True)}
+
+    def apply(self, model, tokenizer, group) -> Callable[[], None]:
+        targets = torch.stack([self.targets[id(fact)] for fact in group])
+        handle = apply_memit(
+            self.editor, model, group, tokenizer=tokenizer, settings=self.settings, context_templates=self.templates,
+            residual_targets=targets,
+        )  # fmt: skip
+        return handle.revert
+
+
+def memit_editor(args, model, tokenizer) -> tuple[MemitMethod, dict]:
+    """MEMIT's band, its covariance (full rank) fitted on train.json prompts, and the model's context templates."""
+    first, last = (int(part) for part in args.memit_layers.split("-"))
+    modules = [f"model.layers.{i}.mlp.down_proj" for i in range(first, last + 1)]
+    editor = MalmenEditorModel.for_model(
+        model, edit_modules=modules, token_positions="subject_last", covariance_weight=args.memit_preserve,
+        covariance_rank=model.get_submodule(modules[0]).in_features, log_lambda_init=args.memit_log_lambda,
+    )  # fmt: skip
+    train = load_edit_requests(args.train_data, "counterfact")
+    fit_key_covariance(editor, model, covariance_texts(train, args.memit_covariance_facts), tokenizer)
+    templates = generate_context_templates(model, tokenizer)
+    method = MemitMethod(editor, templates, MemitSettings(), residual_module_name(modules))
+    return method, {"layers": modules, "templates": templates, "preserve": args.memit_preserve}
 
 
 def edit_layers(editors: dict[str, MalmenEditorModel], model) -> list[str]:
     """Every method edits the same layers: the trained editors' (or the family's default ones)."""
-    if editors:
-        return next(iter(editors.values())).config.edit_modules
+    trained = [editor for editor in editors.values() if isinstance(editor, MalmenEditorModel)]
+    if trained:
+        return trained[0].config.edit_modules
     return default_edit_modules(model)
 
 
@@ -228,7 +295,10 @@ def run_method(method, editors, model, tokenizer, groups, args) -> dict:
             revert()
         for name, value in scores.items():
             totals[name] = totals.get(name, 0.0) + value / len(groups)
-    return {**totals, "edit_seconds": seconds / len(groups), "groups": len(groups)}
+    row = {**totals, "edit_seconds": seconds / len(groups), "groups": len(groups)}
+    if method == "memit":  # the value step, computed beforehand for every fact: its share for this N
+        row["values_seconds"] = editors["memit"].values_seconds_per_fact * len(groups[0][0])
+    return row
 
 
 def score_sample(group: list, size: int) -> list:
@@ -243,6 +313,8 @@ def apply_method(method, editors, model, tokenizer, group, args) -> Callable[[],
         return lambda: None
     if method == "fine_tuning":
         return constrained_fine_tuning(model, tokenizer, group, edit_layers(editors, model), args)
+    if method == "memit":
+        return editors["memit"].apply(model, tokenizer, group)
     handle = editors[method].apply_edits(model, group, tokenizer=tokenizer, batch_size=args.batch_size)
     return handle.revert
 

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -69,13 +70,15 @@ def teacher_values(
                     "give the same facts in the same order as the run that made this folder, or use another folder."
                 )
         else:
+            started = time.perf_counter()
             with frozen(model), torch.enable_grad():
                 residual, delta = optimize_residuals(
                     model, tokenizer, chunk, residual_module=residual_module, context_templates=context_templates,
                     settings=settings, batch_size=batch_size,
                 )  # fmt: skip
             tensors = {"residual": residual.contiguous(), "delta": delta.contiguous()}
-            _save_shard(path, tensors, {"facts_sha256": digest, "num_facts": str(len(chunk))})
+            seconds = f"{time.perf_counter() - started:.3f}"  # what the values cost, for benchmarks that read them
+            _save_shard(path, tensors, {"facts_sha256": digest, "num_facts": str(len(chunk)), "seconds": seconds})
         residuals.append(tensors["residual"])
         deltas.append(tensors["delta"])
     return torch.cat(residuals), torch.cat(deltas)
@@ -94,6 +97,25 @@ def cached_teacher_settings(cache_dir: str | os.PathLike) -> tuple[dict, int]:
     while (path := folder / f"values-{count:07d}.safetensors").is_file():
         count += int(_load_shard(path)[1]["num_facts"])
     return identity, count
+
+
+def teacher_seconds(cache_dir: str | os.PathLike, num_facts: int) -> float | None:
+    """
+    How long computing the values of the first `num_facts` facts of a cache folder took (from each shard's record,
+    counting a shard's share when only part of it is asked for); `None` if a shard has no record of its time.
+    """
+    folder, total, counted = Path(cache_dir), 0.0, 0
+    while counted < num_facts:
+        path = folder / f"values-{counted:07d}.safetensors"
+        if not path.is_file():
+            return None
+        metadata = _load_shard(path)[1]
+        if "seconds" not in metadata:
+            return None
+        in_shard = int(metadata["num_facts"])
+        total += float(metadata["seconds"]) * min(in_shard, num_facts - counted) / in_shard
+        counted += in_shard
+    return total
 
 
 def _identity(model, residual_module, context_templates, settings: MemitSettings, chunk_size: int) -> dict:
@@ -146,4 +168,4 @@ def _load_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return load_file(path), metadata
 
 
-__all__ = ["cached_teacher_settings", "teacher_values"]
+__all__ = ["cached_teacher_settings", "teacher_seconds", "teacher_values"]
