@@ -123,8 +123,8 @@ class EditHandle:
 
     def _current_weight(self, name: str) -> torch.Tensor:
         try:
-            return self._model.get_submodule(name).weight
-        except AttributeError:
+            return get_edit_module(self._model, name).weight
+        except ValueError:
             raise RuntimeError(f"The model no longer has the edited module {name!r}: nothing was reverted.") from None
 
     def _check_unchanged(self, weights: dict[str, torch.Tensor]) -> None:

@@ -59,7 +59,14 @@ def _match_blocks(names: list[str], pattern: str) -> list[tuple[int, str]]:
 
 
 def get_edit_module(model: nn.Module, name: str) -> nn.Module:
-    """Returns the editable linear layer `name` of `model`, or raises a `ValueError` saying what is wrong."""
+    """
+    Returns the editable linear layer `name` of `model`, or raises a `ValueError` saying what is wrong.
+
+    A peft model (`PeftModel`, e.g. LoRA adapters) is edited in its base model, where the names are the base model's:
+    a layer an adapter wraps is edited in its own weight (`base_layer`), under the adapter, which keeps working.
+    """
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     try:
         module = model.get_submodule(name)
     except AttributeError:
@@ -67,6 +74,9 @@ def get_edit_module(model: nn.Module, name: str) -> nn.Module:
             f"The model ({type(model).__name__}) has no module named {name!r}: this editor was built for another "
             "architecture. Build one for this model with `MalmenEditorModel.for_model(model)`."
         ) from None
+    base_layer = getattr(module, "base_layer", None)
+    if not isinstance(module, (nn.Linear, Conv1D)) and isinstance(base_layer, (nn.Linear, Conv1D)):
+        module = base_layer  # an adapter's wrapper (peft's lora.Linear): its input is the layer's input
     if not isinstance(module, (nn.Linear, Conv1D)):
         raise ValueError(
             f"Module {name!r} is a {type(module).__name__}; MALMEN edits only nn.Linear and Conv1D layers."
