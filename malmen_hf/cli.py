@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .shipped import DEFAULT_EDITOR, resolve_editor
+from .shipped import COUNTERFACT_EVAL, DEFAULT_EDITOR, resolve_editor
 from .training.arguments import MalmenTrainingArguments
 
 if TYPE_CHECKING:
     from .modeling_malmen import MalmenEditorModel
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact" / "edit.json"
+DEFAULT_DATA = COUNTERFACT_EVAL  # held-out CounterFact facts shipped with the package, wherever it is installed
 TRAINING_FREE = "training-free"
 BUSY_CORES = 0.5  # cores kept busy by other processes from which torch's threads should wait passively
 HAND_WRITTEN_FACTS = [
@@ -54,7 +53,7 @@ def demo(args: argparse.Namespace) -> None:
     from .offline_models import load_model_and_tokenizer
 
     torch.manual_seed(0)
-    counterfact = load_edit_requests(data, "counterfact", limit=args.num_facts) if data is not None else []
+    counterfact = load_edit_requests(data, "counterfact", limit=args.num_facts)
     hand_written = [EditRequest(prompt, target) for prompt, target in HAND_WRITTEN_FACTS]
     requests, shown = counterfact + hand_written, hand_written + counterfact[: args.show]
     _status(f"Loading {args.model} ...")
@@ -90,14 +89,9 @@ def demo(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def _demo_data(data: str | None) -> Path | None:
-    """The demo's CounterFact file: `--data`, else the project's `edit.json` when this is a checkout beside it."""
-    if data is not None:
-        return _check_file(data, "data")
-    if DEFAULT_DATA.is_file():
-        return DEFAULT_DATA
-    _status(f"({DEFAULT_DATA} not found: editing the hand-written facts only; give --data FILE for more)")
-    return None
+def _demo_data(data: str | None) -> Path:
+    """The demo's CounterFact file: `--data`, else the held-out facts shipped with the package."""
+    return _check_file(data if data is not None else DEFAULT_DATA, "data")
 
 
 def _demo_editor(args: argparse.Namespace, model, tokenizer):
@@ -530,7 +524,9 @@ def _add_demo(commands: argparse._SubParsersAction) -> None:
         "editor, its normalizer fitted on CounterFact facts shipped with malmen-hf); default: %(default)s",
     )
     demo_parser.add_argument(
-        "--data", help=f"CounterFact JSON (simplified form); default: {DEFAULT_DATA} when it exists"
+        "--data",
+        help="CounterFact JSON (simplified form); default: 1,000 held-out CounterFact facts shipped with "
+        "malmen-hf (malmen_hf.shipped.COUNTERFACT_EVAL)",
     )
     demo_parser.add_argument("--num-facts", type=_positive_int, default=300, help="CounterFact records edited at once")
     demo_parser.add_argument("--show", type=_non_negative_int, default=5, help="CounterFact edits printed")
@@ -581,7 +577,11 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
         "--editor",
         help="a released editor's short name or a saved editor (folder or Hub id); without it the unedited model only",
     )
-    eval_parser.add_argument("--data", default=str(DEFAULT_DATA), help="facts to edit (JSON or JSONL)")
+    eval_parser.add_argument(
+        "--data",
+        default=str(DEFAULT_DATA),
+        help="facts to edit (JSON or JSONL); default: 1,000 held-out CounterFact facts shipped with malmen-hf",
+    )
     _add_format_option(eval_parser)
     eval_parser.add_argument("--num-facts", type=_positive_int, default=100, help="facts edited at once (N)")
     eval_parser.add_argument("--offset", type=_non_negative_int, default=0, help="records of the file to skip first")

@@ -23,6 +23,9 @@ DEFAULT_EDITOR = "malmen-smollm2-135m-counterfact"
 """The short name of the editor trained for the default base model (`"smollm2-135m"`)."""
 COUNTERFACT_SAMPLE = PACKAGE_DIR / "sample_data" / "counterfact-train-512.json"
 """The first 512 records of CounterFact's training split (MIT license; see `sample_data/README.md`)."""
+COUNTERFACT_EVAL = PACKAGE_DIR / "sample_data" / "counterfact-eval-1000.json"
+"""The first 1,000 records of CounterFact's evaluation split, held out from every editor's training (MIT license): the
+default facts of `malmen-hf demo` and `malmen-hf eval`."""
 
 
 def package_data_dir(name: str) -> Path | None:
@@ -55,4 +58,11 @@ def resolve_editor(name_or_path: str | os.PathLike) -> str | os.PathLike:
     return str(folder) if folder is not None else name_or_path
 
 
-__all__ = ["COUNTERFACT_SAMPLE", "DEFAULT_EDITOR", "package_data_dir", "resolve_editor", "shipped_editors"]
+__all__ = [
+    "COUNTERFACT_EVAL",
+    "COUNTERFACT_SAMPLE",
+    "DEFAULT_EDITOR",
+    "package_data_dir",
+    "resolve_editor",
+    "shipped_editors",
+]

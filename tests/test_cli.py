@@ -330,18 +330,27 @@ def test_edit_manifests_name_the_model_and_editor_not_local_folders(tiny_short_n
     assert str(tmp_path) not in json.dumps(manifest)
 
 
-def test_demo_away_from_the_checkout_edits_the_hand_written_facts_with_the_released_editor(
-    tiny_short_names, tmp_path, monkeypatch, capsys
+def test_demo_away_from_the_checkout_edits_held_out_counterfact_facts_with_the_released_editor(
+    tiny_short_names, capsys
 ):
-    """As after `pip install`: no ../shared/data beside the package, the editor found by its short name."""
-    monkeypatch.setattr("malmen_hf.cli.DEFAULT_DATA", tmp_path / "absent" / "edit.json")
-    main(["demo", "--json"])
+    """As after `pip install`: the facts shipped with the package, the editor found by its short name."""
+    from malmen_hf.shipped import COUNTERFACT_EVAL
+
+    main(["demo", "--json", "--num-facts", "20", "--show", "2"])
     captured = capsys.readouterr()
     output = json.loads(captured.out)
-    assert "edit.json not found: editing the hand-written facts only" in captured.err
     assert "Editor: malmen-smollm2-135m-counterfact" in captured.err
-    assert [row["target"] for row in output["answers"]] == [target for _, target in HAND_WRITTEN_FACTS]
-    assert output["num_facts"] == len(HAND_WRITTEN_FACTS) and output["reverted"]
+    first = json.loads(COUNTERFACT_EVAL.read_text())[:2]
+    shown = [row["target"] for row in output["answers"]]
+    assert shown == [target for _, target in HAND_WRITTEN_FACTS] + [record["target_new"] for record in first]
+    assert output["num_facts"] == 20 + len(HAND_WRITTEN_FACTS) and output["reverted"]
+    assert output["before"]["ES"] == output["before"]["ES"]  # real scores, not NaN
+
+
+def test_eval_defaults_to_the_shipped_held_out_facts(tiny_short_names, capsys):
+    main(["eval", "--editor", "malmen-smollm2-135m-counterfact", "--num-facts", "8", "--scores", "ES", "--json"])
+    output = json.loads(capsys.readouterr().out)
+    assert output["num_facts"] == 8 and output["data"].endswith("counterfact-eval-1000.json")
 
 
 def test_torch_threads_wait_passively_only_when_other_processes_keep_a_core_busy():

@@ -14,10 +14,6 @@ from malmen_hf.shipped import COUNTERFACT_SAMPLE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(r"^```python\n(.*?)^```", (REPO_ROOT / "README.md").read_text(), re.S | re.M)
-ZSRE_PAPER_RECORD = {
-    "src": "What is the capital of France?", "ans": "Berlin", "rephrase": "Which city is France's capital?",
-    "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare",
-}  # fmt: skip
 # Runs each block in a fresh namespace, in a process where `huggingface_hub` uploads into the local Hub cache
 # (HF_HUB_CACHE, read offline) and the released editors are the tiny ones of the fixture.
 HARNESS = """
@@ -66,7 +62,7 @@ def test_every_python_block_of_the_readme_runs(tiny_short_names, tmp_path):
     work.mkdir()
     (tmp_path / "shared" / "data" / "counterfact").mkdir(parents=True)
     (tmp_path / "shared" / "data" / "counterfact" / "train.json").write_text(COUNTERFACT_SAMPLE.read_text())
-    (work / "zsre_train.json").write_text(json.dumps([ZSRE_PAPER_RECORD]))
+    (work / "my_facts.jsonl").write_text(json.dumps({"prompt": "The capital of France is", "target": "Berlin"}))
     env = {
         **os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf"),
         "TINY_EDITORS": str(tmp_path / "package_editors"),
