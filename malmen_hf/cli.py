@@ -698,7 +698,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     if "torch" not in sys.modules and wait_passively_when_busy():
-        _status("other processes keep a core busy: torch's threads wait passively (OMP_WAIT_POLICY=PASSIVE; set it)")
+        _status(
+            "Other programs keep a CPU core busy, so torch's threads wait passively instead of spinning (faster "
+            "beside a busy neighbour); set OMP_WAIT_POLICY=ACTIVE or PASSIVE yourself to choose."
+        )
     try:
         args.run(args)
     except Exception as error:

@@ -378,7 +378,7 @@ def test_beside_a_busy_neighbour_the_command_line_sets_the_passive_policy_before
         neighbour.kill()
         neighbour.wait()
     assert result.stdout.split() == ["PASSIVE", "False"]
-    assert "torch's threads wait passively" in result.stderr
+    assert "torch's threads wait passively instead of spinning" in result.stderr
 
 
 @pytest.mark.parametrize(
