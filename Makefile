@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN = $(VENV)/bin
 
-.PHONY: install test test-fast demo lint bench bench-quality device-check
+.PHONY: install test test-fast test-oldest demo lint bench bench-quality device-check
 
 $(BIN)/malmen-hf: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The same tests with the oldest dependency versions pyproject.toml allows (constraints/oldest.txt), in .venv-oldest.
+test-oldest:
+	$(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install --quiet --retries 1 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+	.venv-oldest/bin/python -m pip install --quiet -c constraints/oldest.txt -e ".[dev]"
+	.venv-oldest/bin/python -m pytest -m "not slow"
 
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
