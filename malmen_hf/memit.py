@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .caching import frozen, input_gradients_at, needed_positions
-from .edits import EditHandle, apply_shifts, shift_weights
+from .edits import EditHandle, apply_shifts, edit_history, shift_weights
 from .facts import (
     IGNORE_INDEX,
     EditRequest,
@@ -458,14 +458,20 @@ def spread_residuals(
     context_templates: Sequence[Sequence[str]],
     batch_size: int = 32,
     progress: bool = False,
-) -> dict[str, torch.Tensor]:
+    history: dict[str, torch.Tensor] | None = None,
+    null_space_fraction: float | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """
     MEMIT's spreading: the weight shift `(d_in, d_out)` of each of the editor's layers that together move the residual
     at each fact's subject to its target `h + delta` (see the module's docstring). Layer by layer from the lowest, the
     keys (the layer's input at the subject's last token, averaged over the context templates as MEMIT does) and the
     residual still missing are read on the model with the lower layers' shifts applied; each layer takes
-    `1 / (layers left)` of it, by the least squares of the editor (its covariance weight, covariance and lambda).
-    The model is left as it was.
+    `1 / (layers left)` of it, by the least squares of the editor (its covariance weight, covariance and lambda, and
+    `history_weight` times the earlier rounds' `history`). With `null_space_fraction`, AlphaEdit's solve instead (see
+    [`null_space_projector`]). The model is left as it was.
+
+    Returns:
+        The shifts, and each layer's `K^T K` of these facts (what the edit history adds).
     """
     requests = _checked_requests(facts)
     modules = edited_modules(editor, model)
@@ -474,19 +480,26 @@ def spread_residuals(
     residual_of = {residual_module: model.get_submodule(residual_module)}
     plain_prompts, subjects = [r.prompt for r in requests], [r.subject for r in requests]
     originals: dict[str, torch.Tensor] = {}
-    shifts = {}
+    shifts, grams = {}, {}
+    weighted_history = {name: editor.config.history_weight * gram.double() for name, gram in (history or {}).items()}
     try:
         for index, name in enumerate(tqdm(names, desc="MEMIT layers", unit="layer", disable=not progress)):
             keys = _template_mean_keys(model, tokenizer, requests, modules[name], name, context_templates, batch_size)
             current = _read_at_subjects(model, tokenizer, plain_prompts, subjects, {}, residual_of, batch_size)
             residual = (targets - current[residual_module]).double() / (len(names) - index)
-            shifts[name] = _least_squares(editor, name, keys.double(), residual, len(requests)).float()
+            keys = keys.double()
+            earlier = weighted_history.get(name)
+            if null_space_fraction is None:
+                shift = _least_squares(editor, name, keys, residual, len(requests), earlier)
+            else:
+                shift = _projected_least_squares(editor, name, keys, residual, null_space_fraction, earlier)
+            shifts[name], grams[name] = shift.float(), (keys.T @ keys).float()
             originals.update(shift_weights({name: modules[name]}, {name: shifts[name]}))
     finally:
         with torch.no_grad():
             for name, weight in originals.items():
                 modules[name].weight.copy_(weight)
-    return shifts
+    return shifts, grams
 
 
 def _template_mean_keys(model, tokenizer, requests, module, name, context_templates, batch_size) -> torch.Tensor:
@@ -503,20 +516,53 @@ def _template_mean_keys(model, tokenizer, requests, module, name, context_templa
     return torch.stack(group_means, 1).mean(1)
 
 
-def _least_squares(editor: nn.Module, name: str, keys: torch.Tensor, values: torch.Tensor, num_facts: int):
-    """`(K^T K + a n C0 + e^lambda I)^-1 K^T R`, with the editor's `a`, `C0` and lambda for `name`, in float64."""
+def _least_squares(editor, name: str, keys, values, num_facts: int, earlier: torch.Tensor | None) -> torch.Tensor:
+    """
+    `(K^T K + a n C0 + b H + e^lambda I)^-1 K^T R`, with the editor's `a`, `C0` and lambda for `name` and the earlier
+    rounds' weighted keys `b H` (`earlier`), in float64.
+    """
     gram = keys.T @ keys
     if editor.config.covariance_weight > 0:
-        covariance = editor.key_covariance(name)
-        if covariance.count == 0:
-            raise ValueError(
-                f"The editor weighs the preserved keys' covariance but has none fitted for {name!r}: call "
-                "`malmen_hf.fit_key_covariance(editor, model, texts, tokenizer)` first (MEMIT needs it). "
-                "No weight was changed."
-            )
-        gram = gram + editor.config.covariance_weight * num_facts * covariance.matrix().double()
+        gram = gram + editor.config.covariance_weight * num_facts * _covariance(editor, name)
+    if earlier is not None:
+        gram = gram + earlier
     net, layer_index = editor.net_for(name)
     return least_squares_shift(gram, keys.T @ values, net.log_lambda[layer_index].detach().double())
+
+
+def _covariance(editor: nn.Module, name: str) -> torch.Tensor:
+    covariance = editor.key_covariance(name)
+    if covariance is None or covariance.count == 0:
+        raise ValueError(
+            f"The editor has no preserved keys' covariance fitted for {name!r}: build it with covariance_weight > 0 "
+            "and call `malmen_hf.fit_key_covariance(editor, model, texts, tokenizer)` first. No weight was changed."
+        )
+    return covariance.matrix().double()
+
+
+def null_space_projector(covariance: torch.Tensor, fraction: float) -> torch.Tensor:
+    """
+    AlphaEdit's projector `P = U U^T` onto the directions the preserved keys hardly use: the eigenvectors of their
+    covariance with the smallest eigenvalues that together hold at most `fraction` of its trace. (AlphaEdit's code
+    keeps the singular values below a fixed 2e-2, which does not carry over across models and scales.)
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())  # ascending
+    energy = eigenvalues.clamp_min(0).cumsum(0)
+    kept = eigenvectors[:, energy <= fraction * energy[-1]]
+    return kept @ kept.T
+
+
+def _projected_least_squares(editor, name: str, keys, values, fraction: float, earlier: torch.Tensor | None):
+    """
+    AlphaEdit's solve (jianghoucheng/AlphaEdit, `AlphaEdit_main.py`): `S = (P (K^T K + b H) + e^lambda I)^-1 P K^T R`,
+    `P` the null-space projector of the editor's covariance for `name`; the shift then leaves the preserved keys'
+    outputs (nearly) untouched by construction. `e^lambda` is AlphaEdit's `L2`.
+    """
+    projector = null_space_projector(_covariance(editor, name), fraction)
+    gram = keys.T @ keys + (earlier if earlier is not None else 0)
+    net, layer_index = editor.net_for(name)
+    ridge = torch.exp(net.log_lambda[layer_index].detach().double()) * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(projector @ gram + ridge, projector @ keys.T @ values)
 
 
 def apply_memit(
@@ -531,6 +577,7 @@ def apply_memit(
     progress: bool = False,
     keep_shifts: bool = True,
     residual_targets: torch.Tensor | None = None,
+    null_space_fraction: float | None = None,
 ) -> EditHandle:
     """
     Edits `model` in place with MEMIT's values (see the module's docstring) written into `editor`'s layers by its
@@ -554,10 +601,16 @@ def apply_memit(
         residual_targets (`torch.Tensor` of shape `(num_facts, hidden_size)`, *optional*): MEMIT's targets `h + delta`
             of these facts computed before (by [`optimize_residuals`] or `malmen_hf.training.teacher.teacher_values`,
             with the same settings and templates): the value step is skipped.
+        null_space_fraction (`float`, *optional*): AlphaEdit (Fang et al., ICLR 2025) instead of MEMIT's solve: the
+            shift is projected onto the directions of the editor's covariance that hold at most this fraction of its
+            energy (e.g. 0.01; see [`null_space_projector`]), `S = (P (K^T K + b H) + e^lambda I)^-1 P K^T R`.
+
+    An editor with `history_weight > 0` adds the earlier rounds' keys (`malmen_hf.edit_history(model)`) to the solve
+    and this round's to the history, as [`apply_edits`] does.
 
     Returns:
-        [`EditHandle`]: as [`apply_edits`]'s, with `aggregation="memit"`; `revert()` restores the weights bit for
-        bit. Nothing is changed when an error is raised.
+        [`EditHandle`]: as [`apply_edits`]'s, with `aggregation="memit"` (or `"alphaedit"`); `revert()` restores the
+        weights bit for bit. Nothing is changed when an error is raised.
     """
     requests = _checked_requests(facts)
     if model_kind(model) != "causal":
@@ -579,20 +632,33 @@ def apply_memit(
         residual_targets = residuals + deltas
     timings["values"] = time.perf_counter() - start
     start = time.perf_counter()
+    keeps_history = editor.config.history_weight > 0
+    history = edit_history(model) if keeps_history else {}
     with frozen(model):
-        shifts = spread_residuals(
+        shifts, grams = spread_residuals(
             editor, model, tokenizer, requests, residual_targets, residual_module=residual_module,
-            context_templates=templates, batch_size=2 * batch_size, progress=progress,
+            context_templates=templates, batch_size=2 * batch_size, progress=progress, history=history,
+            null_space_fraction=null_space_fraction,
         )  # fmt: skip
     timings["spreading"] = time.perf_counter() - start
     num_tokens = sum(len(example.labels) - example.labels.count(IGNORE_INDEX) for example in tokenize_examples(
         tokenizer, [r.prompt for r in requests], [r.target for r in requests], "causal"
     ))  # fmt: skip
+    after = {name: history[name].to(gram) + gram if name in history else gram for name, gram in grams.items()}
     return apply_shifts(
-        model, modules, shifts, facts=requests, num_tokens=num_tokens, aggregation="memit", timings=timings,
+        model, modules, shifts, facts=requests, num_tokens=num_tokens, timings=timings,
+        aggregation="memit" if null_space_fraction is None else "alphaedit",
         editor_name_or_path=getattr(editor, "name_or_path", None) or None,
         base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None, keep_shifts=keep_shifts,
+        history=after if keeps_history else None,
     )  # fmt: skip
 
 
-__all__ = ["MemitSettings", "apply_memit", "generate_context_templates", "optimize_residuals", "spread_residuals"]
+__all__ = [
+    "MemitSettings",
+    "apply_memit",
+    "generate_context_templates",
+    "null_space_projector",
+    "optimize_residuals",
+    "spread_residuals",
+]

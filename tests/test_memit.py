@@ -6,11 +6,12 @@ last block's output would reach no target token (the head reads each position al
 """
 
 import contextlib
+import copy
 
 import pytest
 import torch
 
-from malmen_hf import EditRequest, MalmenEditorModel, memit
+from malmen_hf import EditRequest, MalmenEditorModel, edit_history, memit
 from malmen_hf.caching import frozen
 from malmen_hf.memit import MemitSettings, apply_memit, generate_context_templates, optimize_residuals
 from tests import tiny
@@ -227,3 +228,80 @@ def test_facts_without_a_subject_are_refused_before_anything_runs(setup):
     with pytest.raises(ValueError, match="fact 1: MEMIT .* needs a 'subject'"):
         apply_memit(editor, model, [REQUESTS[0], ("The capital of Italy is", "Paris")], tokenizer=tokenizer)
     assert_bit_identical(model, before)
+
+
+def test_null_space_projector_keeps_alphaedits_small_singular_directions():
+    generator = torch.Generator().manual_seed(1)
+    factor = torch.randn(16, 16, generator=generator, dtype=torch.float64)
+    covariance = factor @ torch.diag(torch.logspace(-4, 1, 16, dtype=torch.float64)) @ factor.T
+    eigenvalues = torch.linalg.eigvalsh(covariance)
+    fraction = float(eigenvalues[:5].sum() / eigenvalues.sum()) * 1.0001  # the five smallest directions
+    # AlphaEdit's get_project: the singular vectors of the covariance whose singular values are below a threshold.
+    u, s, _ = torch.linalg.svd(covariance)
+    small = s < (eigenvalues[4] + eigenvalues[5]) / 2
+    torch.testing.assert_close(memit.null_space_projector(covariance, fraction), u[:, small] @ u[:, small].T)
+    assert int(small.sum()) == 5
+
+
+def alphaedit_execute(model, tokenizer, requests, zs, templates, projectors, cache_c, l2) -> dict[str, torch.Tensor]:
+    """jianghoucheng/AlphaEdit's `apply_AlphaEdit_to_model` loop (keys (d_in, n), weights updated layer by layer,
+    then `cache_c` grows by each layer's keys recomputed on the edited model); returns each layer's update."""
+    prompts = [r.prompt.replace(r.subject, "{}") for r in requests]
+    subjects = [r.subject for r in requests]
+    updates = {}
+
+    def layer_keys(name):
+        contexts = [context.format(p) for p in prompts for group in templates for context in group]
+        words = [s for s in subjects for group in templates for _ in group]
+        per_fact = memit_read(model, tokenizer, contexts, words, name, read_input=True).view(len(requests), 3, -1)
+        return torch.stack([per_fact[:, :1].mean(1), per_fact[:, 1:].mean(1)], 1).mean(1).T
+
+    for i, name in enumerate(MODULES):
+        keys = layer_keys(name)
+        current = memit_read(model, tokenizer, prompts, subjects, RESIDUAL, read_input=False).T
+        resid = (zs.T - current) / (len(MODULES) - i)
+        eye = torch.eye(keys.shape[0], dtype=keys.dtype)
+        updates[name] = torch.linalg.solve(
+            projectors[name] @ (keys @ keys.T + cache_c[name]) + l2 * eye, projectors[name] @ keys @ resid.T
+        )  # (d_in, d_out): a Conv1D weight's shape
+        with torch.no_grad():
+            model.get_submodule(name).weight[...] += updates[name]
+    for name in MODULES:
+        cache_c[name] = cache_c[name] + layer_keys(name) @ layer_keys(name).T
+    return updates
+
+
+def test_alphaedit_rounds_match_alphaedits_code_and_keep_the_history(setup):
+    model, tokenizer, _ = setup
+    model = copy.deepcopy(model)
+    before = snapshot(model)
+    editor = MalmenEditorModel.for_model(
+        model, edit_modules=MODULES, covariance_weight=1.0, covariance_rank=10**6, log_lambda_init=0.0,
+        history_weight=1.0,  # AlphaEdit adds the earlier rounds' K K^T as they are
+    ).double()  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    for name in MODULES:
+        factor = torch.randn(128, 40, generator=generator, dtype=torch.float64)  # 88 directions nearly unused
+        editor.key_covariance(name).fit(factor @ factor.T + 1e-6 * torch.eye(128, dtype=torch.float64), 1)
+    projectors = {name: memit.null_space_projector(editor.key_covariance(name).matrix(), 1e-3) for name in MODULES}
+    settings = MemitSettings(num_steps=6)
+    reference = copy.deepcopy(model)
+    cache_c = {name: torch.zeros(128, 128, dtype=torch.float64) for name in MODULES}
+    handles = []
+    for facts in (REQUESTS[:3], REQUESTS[3:]):
+        zs = torch.stack([memit_compute_z(reference, tokenizer, r, RESIDUAL, TEMPLATES, settings) for r in facts])
+        expected = alphaedit_execute(reference, tokenizer, facts, zs, TEMPLATES, projectors, cache_c, l2=1.0)
+        weights = snapshot(model)
+        handles.append(apply_memit(
+            editor, model, facts, tokenizer=tokenizer, settings=settings, context_templates=TEMPLATES,
+            null_space_fraction=1e-3,
+        ))  # fmt: skip
+        assert handles[-1].aggregation == "alphaedit"
+        for name in MODULES:
+            shift = model.get_submodule(name).weight.detach() - weights[f"{name}.weight"]
+            torch.testing.assert_close(shift, expected[name], rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(edit_history(model)[name].double(), cache_c[name], rtol=1e-6, atol=1e-9)
+    for handle in reversed(handles):
+        handle.revert()
+    assert_bit_identical(model, before)
+    assert edit_history(model) == {}
