@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 
+from malmen_hf import EditRequest
 from tests import tiny
 
 # Tiny models gain nothing from threads, and on a busy 2-core machine torch's threads spin-wait on each other.
@@ -33,6 +34,19 @@ FACTS = [
     ("Apple was founded by", "Microsoft"),
     ("The Louvre is a museum in", "Tokyo"),
     ("The official religion of Edwin of Northumbria is", "Islam"),
+]
+SUBJECTS = [
+    "The Eiffel Tower",
+    "France",
+    "Danielle Darrieux",
+    "Toko Yasuda",
+    "Apple",
+    "The Louvre",
+    "Edwin of Northumbria",
+]
+# FACTS with their subjects, for what reads keys at the subject's last token (subject_last editors, MEMIT).
+SUBJECT_REQUESTS = [
+    EditRequest(prompt, target, subject=subject) for (prompt, target), subject in zip(FACTS, SUBJECTS, strict=True)
 ]
 
 

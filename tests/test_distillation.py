@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from malmen_hf import EditRequest, MalmenEditorModel
+from malmen_hf import MalmenEditorModel
 from malmen_hf.caching import cache_keys_and_value_grads, frozen
 from malmen_hf.facts import collate, pad_id_of, tokenize_edit_prompts
 from malmen_hf.training.distillation import (
@@ -15,15 +15,9 @@ from malmen_hf.training.distillation import (
     distillation_loss,
 )
 from tests import tiny
+from tests.conftest import SUBJECT_REQUESTS
 
-REQUESTS = [
-    EditRequest("The Eiffel Tower is located in", "Rome", subject="The Eiffel Tower"),
-    EditRequest("The capital of France is", "Berlin", subject="France"),
-    EditRequest("Danielle Darrieux's mother tongue is", "English", subject="Danielle Darrieux"),
-    EditRequest("Toko Yasuda plays the", "piano", subject="Toko Yasuda"),
-    EditRequest("Apple was founded by", "Microsoft", subject="Apple"),
-    EditRequest("The Louvre is a museum in", "Tokyo", subject="The Louvre"),
-]
+REQUESTS = SUBJECT_REQUESTS[:6]
 MODULES = ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
 
 

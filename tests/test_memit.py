@@ -11,19 +11,13 @@ import copy
 import pytest
 import torch
 
-from malmen_hf import EditRequest, MalmenEditorModel, edit_history, memit
+from malmen_hf import MalmenEditorModel, edit_history, memit
 from malmen_hf.caching import frozen
 from malmen_hf.memit import MemitSettings, apply_memit, generate_context_templates, optimize_residuals
 from tests import tiny
-from tests.conftest import assert_bit_identical, snapshot
+from tests.conftest import SUBJECT_REQUESTS, assert_bit_identical, snapshot
 
-REQUESTS = [
-    EditRequest("The Eiffel Tower is located in", "Rome", subject="The Eiffel Tower"),
-    EditRequest("The capital of France is", "Berlin", subject="France"),
-    EditRequest("Danielle Darrieux's mother tongue is", "English", subject="Danielle Darrieux"),
-    EditRequest("Toko Yasuda plays the", "piano", subject="Toko Yasuda"),
-    EditRequest("Apple was founded by", "Microsoft", subject="Apple"),
-]
+REQUESTS = SUBJECT_REQUESTS[:5]
 TEMPLATES = [["{}"], ["The Louvre is in Paris. {}", "Because of Rome. {}"]]
 MODULES = ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]
 RESIDUAL = "transformer.h.1"

@@ -11,21 +11,10 @@ from transformers.pytorch_utils import Conv1D
 from malmen_hf import EditRequest, MalmenEditorModel, load_edit_requests
 from malmen_hf.facts import subject_last_position, tokenize_edit_prompts
 from tests import tiny
-from tests.conftest import FACTS, assert_bit_identical, snapshot
+from tests.conftest import FACTS, SUBJECT_REQUESTS, assert_bit_identical, snapshot
 from tests.test_apply_edits import assert_close_at_scale, edit_deltas, hf_example, untrained_editor
 
-SUBJECTS = [
-    "The Eiffel Tower",
-    "France",
-    "Danielle Darrieux",
-    "Toko Yasuda",
-    "Apple",
-    "The Louvre",
-    "Edwin of Northumbria",
-]
-REQUESTS = [
-    EditRequest(prompt, target, subject=subject) for (prompt, target), subject in zip(FACTS, SUBJECTS, strict=True)
-]
+REQUESTS = SUBJECT_REQUESTS
 
 
 def subject_token(tokenizer, text, subject):

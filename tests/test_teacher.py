@@ -3,20 +3,14 @@
 import pytest
 import torch
 
-from malmen_hf import EditRequest
 from malmen_hf.caching import frozen
 from malmen_hf.memit import MemitSettings, optimize_residuals
 from malmen_hf.training import teacher
 from malmen_hf.training.teacher import teacher_values
 from tests import tiny
+from tests.conftest import SUBJECT_REQUESTS
 
-REQUESTS = [
-    EditRequest("The Eiffel Tower is located in", "Rome", subject="The Eiffel Tower"),
-    EditRequest("The capital of France is", "Berlin", subject="France"),
-    EditRequest("Danielle Darrieux's mother tongue is", "English", subject="Danielle Darrieux"),
-    EditRequest("Toko Yasuda plays the", "piano", subject="Toko Yasuda"),
-    EditRequest("Apple was founded by", "Microsoft", subject="Apple"),
-]
+REQUESTS = SUBJECT_REQUESTS[:5]
 TEMPLATES = [["{}"], ["Because of Rome. {}"]]
 SETTINGS = MemitSettings(num_steps=4)
 
