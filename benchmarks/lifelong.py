@@ -3,7 +3,7 @@
 For each method, the facts of `--data` are edited in `--rounds` rounds of `--round-size`, one after the other on the
 same model. After each round: ES / GS / LS over every fact edited so far and over the first round's facts (retention),
 and the round's time; before the first round and after the last: the fluency of greedy generations on unrelated
-prompts (the n-gram entropy MEMIT and AlphaEdit report) and the perplexity of held-out text. Methods:
+prompts (the n-gram entropy MEMIT and AlphaEdit report) and the perplexity of held-out sentences. Methods:
 
 - `malmen`: the editor `--editor` (the released one by default), each round with `apply_edits`, no history;
 - `malmen_history`: the same editor with `history_weight` `--history-weight`: each round keeps the earlier keys;
@@ -28,7 +28,7 @@ import torch
 
 from malmen_hf import MalmenEditorModel, apply_memit, fit_key_covariance, load_edits
 from malmen_hf.evaluation.metrics import greedy_answers, locality_predictions, scores_of_model
-from malmen_hf.facts import IGNORE_INDEX, batches_by_length, collate, pad_id_of, tokenize_examples
+from malmen_hf.facts import IGNORE_INDEX, TokenizedExample, batches_by_length, collate, encode_texts, pad_id_of
 from malmen_hf.memit import MemitSettings, generate_context_templates, residual_module_name
 from malmen_hf.offline_models import load_model_and_tokenizer
 from malmen_hf.scoring import per_fact_loss, rows_of_scored_tokens, scored_logits
@@ -87,9 +87,12 @@ def fluency(model, tokenizer, prompts) -> float:
 
 @torch.no_grad()
 def perplexity(model, tokenizer, requests, batch_size: int) -> float:
-    """exp of the mean per-text NLL of `locality_prompt locality_answer` of facts that are never edited."""
-    texts = [(r.locality_prompt, r.locality_answer) for r in requests if r.locality_prompt]
-    examples = tokenize_examples(tokenizer, [p for p, _ in texts], [a for _, a in texts], "causal")
+    """exp of the mean per-text NLL of every token (after the first) of held-out sentences: each never-edited fact's
+    neighbour prompt with its answer."""
+    texts = [f"{r.locality_prompt} {r.locality_answer}" for r in requests if r.locality_prompt]
+    examples = [
+        TokenizedExample(input_ids=ids, labels=[*ids[1:], IGNORE_INDEX]) for ids in encode_texts(tokenizer, texts)
+    ]
     total = 0.0
     for indices in batches_by_length(examples, batch_size):
         batch = collate([examples[i] for i in indices], pad_id_of(tokenizer), "causal")
