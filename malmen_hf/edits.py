@@ -73,8 +73,8 @@ class EditHandle:
     editor_name_or_path: str | None = None
     base_model_name_or_path: str | None = None
     _shifts: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    # Per module, the weight the edit shifted and the SHA-256 of what it left there (checked by `revert`).
-    _edited_weights: dict[str, tuple[torch.Tensor, str]] = field(default_factory=dict, repr=False)
+    # Per module, the weight tensor the edit shifted (checked by `revert`).
+    _edited_weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     # The model's edit history before and after this round (`None`: the round kept none); see `edit_history`.
     _history_before: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _history_after: dict[str, torch.Tensor] | None = field(default=None, repr=False)
@@ -128,12 +128,21 @@ class EditHandle:
             raise RuntimeError(f"The model no longer has the edited module {name!r}: nothing was reverted.") from None
 
     def _check_unchanged(self, weights: dict[str, torch.Tensor]) -> None:
-        """Each edited weight must be the very tensor the edit shifted, still holding what the edit left there."""
+        """
+        Each edited weight must be the very tensor the edit shifted, still holding what the edit left there: the
+        original weight plus the kept shift, recomputed as `shift_weights` computed it (bit for bit, on its device;
+        without kept shifts only the tensor's identity is checked).
+        """
         for name, weight in weights.items():
-            parameter, digest = self._edited_weights.get(name, (None, None))
+            parameter = self._edited_weights.get(name)
             if parameter is None:
                 continue
-            if weight is not parameter or tensor_sha256(weight) != digest:
+            changed = False
+            if weight is parameter and self._shifts is not None:
+                module = get_edit_module(self._model, name)
+                edited = shifted_weight(module, self._shifts[name], self._original_weights[name])
+                changed = not torch.equal(weight.detach(), edited)
+            if weight is not parameter or changed:
                 what = "was replaced" if weight is not parameter else "was changed"
                 raise RuntimeError(
                     f"The weight of {name!r} {what} since these edits were applied, by something other than "
@@ -210,7 +219,7 @@ def apply_shifts(
         editor_name_or_path=editor_name_or_path,
         base_model_name_or_path=base_model_name_or_path,
         _shifts=shifts if keep_shifts else None,
-        _edited_weights={name: (module.weight, tensor_sha256(module.weight)) for name, module in modules.items()},
+        _edited_weights={name: module.weight for name, module in modules.items()},
         _history_before=edit_history(model) if history is not None else None,
         _history_after=history,
     )

@@ -93,11 +93,12 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
     return int(d_in), int(d_out)
 
 
-def shifted_weight(module: nn.Module, shift: torch.Tensor) -> torch.Tensor:
+def shifted_weight(module: nn.Module, shift: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """
-    The layer's weight plus a `(d_in, d_out)` shift, added in (at least) float32 and cast once to the weight's dtype.
+    The layer's weight (or `weight`, a tensor of its shape) plus a `(d_in, d_out)` shift, added in (at least) float32
+    and cast once to the weight's dtype.
     """
-    weight = module.weight
+    weight = module.weight if weight is None else weight
     delta = shift if isinstance(module, Conv1D) else shift.T
     return (at_least_float32(weight.detach()) + delta.to(weight.device)).to(weight.dtype)
 
