@@ -61,6 +61,32 @@ def sweep_splits(records: list) -> tuple[list, list, list]:
     return records[:-1256], records[-1256:-1000], records[-1000:]
 
 
+def band_modules(layers: str) -> list[str]:
+    """`"12-17"` -> the MLP output projections (`down_proj`, Llama's names, as SmolLM2's) of blocks 12 to 17."""
+    first, last = (int(part) for part in layers.split("-"))
+    return [f"model.layers.{i}.mlp.down_proj" for i in range(first, last + 1)]
+
+
+def memit_editor(
+    model, tokenizer, modules: list[str], train_facts: list, *, preserve: float, log_lambda: float = -2.0,
+    history_weight: float = 0.0, covariance_facts: int = 1000,
+) -> "malmen_hf.MalmenEditorModel":  # fmt: skip
+    """
+    The editor MEMIT (`malmen_hf.apply_memit`) writes with: the layers `modules`, keys at the subject's last token,
+    the preserved keys' covariance at full rank fitted on the prompts of the first `covariance_facts` training facts,
+    weighted `preserve` per fact.
+    """
+    from malmen_hf.training.fitting import covariance_texts
+
+    editor = malmen_hf.MalmenEditorModel.for_model(
+        model, edit_modules=modules, token_positions="subject_last", covariance_weight=preserve,
+        covariance_rank=model.get_submodule(modules[0]).in_features, log_lambda_init=log_lambda,
+        history_weight=history_weight,
+    )  # fmt: skip
+    malmen_hf.fit_key_covariance(editor, model, covariance_texts(train_facts, covariance_facts), tokenizer)
+    return editor
+
+
 def command_line(script: str, argv: list[str] | None = None) -> str:
     """The command that ran `script` with `argv` (default: this process's), as typed from the repository root."""
     return shlex.join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])

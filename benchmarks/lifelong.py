@@ -26,17 +26,24 @@ from pathlib import Path
 
 import torch
 
-from malmen_hf import MalmenEditorModel, apply_memit, fit_key_covariance, load_edits
+from malmen_hf import MalmenEditorModel, apply_memit, load_edits
 from malmen_hf.evaluation.metrics import greedy_answers, locality_predictions, scores_of_model
 from malmen_hf.facts import IGNORE_INDEX, TokenizedExample, batches_by_length, collate, encode_texts, pad_id_of
 from malmen_hf.memit import MemitSettings, generate_context_templates, residual_module_name
 from malmen_hf.offline_models import load_model_and_tokenizer
 from malmen_hf.scoring import per_fact_loss, rows_of_scored_tokens, scored_logits
 from malmen_hf.shipped import DEFAULT_EDITOR
-from malmen_hf.training.fitting import covariance_texts
 from malmen_hf.training.teacher import teacher_values
 
-from common import REPO_ROOT, command_line, load_counterfact_requests, machine_info, markdown_table
+from common import (
+    REPO_ROOT,
+    band_modules,
+    command_line,
+    load_counterfact_requests,
+    machine_info,
+    markdown_table,
+    memit_editor,
+)
 
 SCORES = ("ES", "GS", "LS")
 METHODS = ("malmen", "malmen_history", "memit", "alphaedit")
@@ -117,15 +124,11 @@ class Editor:
             if method == "malmen_history":
                 self.editor.config.history_weight = args.history_weight
             return
-        first, last = (int(part) for part in args.memit_layers.split("-"))
-        modules = [f"model.layers.{i}.mlp.down_proj" for i in range(first, last + 1)]
-        self.editor = MalmenEditorModel.for_model(
-            model, edit_modules=modules, covariance_weight=args.memit_preserve, log_lambda_init=-2.0,
-            covariance_rank=model.get_submodule(modules[0]).in_features,
+        modules = band_modules(args.memit_layers)
+        self.editor = memit_editor(
+            model, tokenizer, modules, load_counterfact_requests(args.train_data), preserve=args.memit_preserve,
             history_weight=args.history_weight if method == "alphaedit" else 0.0,
         )  # fmt: skip
-        train = load_counterfact_requests(args.train_data)
-        fit_key_covariance(self.editor, model, covariance_texts(train, 1000), tokenizer)
         self.templates = generate_context_templates(model, tokenizer)
         self.residual_module = residual_module_name(modules)
 

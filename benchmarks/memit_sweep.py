@@ -15,14 +15,22 @@ from pathlib import Path
 
 import torch
 
-from malmen_hf import MalmenEditorModel, apply_memit, fit_key_covariance
+from malmen_hf import apply_memit
 from malmen_hf.evaluation.metrics import locality_predictions, scores_of_model
 from malmen_hf.memit import MemitSettings, generate_context_templates, residual_module_name
 from malmen_hf.offline_models import load_model_and_tokenizer
-from malmen_hf.training.fitting import covariance_texts
 from malmen_hf.training.teacher import teacher_values
 
-from common import REPO_ROOT, command_line, load_counterfact_requests, machine_info, markdown_table, sweep_splits
+from common import (
+    REPO_ROOT,
+    band_modules,
+    command_line,
+    load_counterfact_requests,
+    machine_info,
+    markdown_table,
+    memit_editor,
+    sweep_splits,
+)
 
 SCORES = ("ES", "GS", "LS", "CF_efficacy", "CF_paraphrase", "CF_neighborhood")
 
@@ -51,8 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model_and_tokenizer(args.model)
     train, _, scored = sweep_splits(load_counterfact_requests(args.data))
     facts = scored[: args.n]
-    first, last = (int(part) for part in args.layers.split("-"))
-    modules = [f"model.layers.{i}.mlp.down_proj" for i in range(first, last + 1)]
+    modules = band_modules(args.layers)
     residual_module = residual_module_name(modules)
     templates = generate_context_templates(model, tokenizer)
     settings = MemitSettings(num_steps=args.num_steps)
@@ -63,11 +70,10 @@ def main(argv: list[str] | None = None) -> None:
         progress=True,
     )  # fmt: skip
     values_seconds = time.perf_counter() - start
-    editor = MalmenEditorModel.for_model(
-        model, edit_modules=modules, token_positions="subject_last", covariance_weight=1.0,
-        covariance_rank=model.get_submodule(modules[0]).in_features, log_lambda_init=args.log_lambda,
+    editor = memit_editor(
+        model, tokenizer, modules, train, preserve=1.0, log_lambda=args.log_lambda,  # each a is set below
+        covariance_facts=args.covariance_facts,
     )  # fmt: skip
-    fit_key_covariance(editor, model, covariance_texts(train, args.covariance_facts), tokenizer)
     before = locality_predictions(model, tokenizer, facts, 32)
     rows = []
     for strength in args.preserve:

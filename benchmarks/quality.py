@@ -45,7 +45,6 @@ from malmen_hf import (
     MalmenEditorModel,
     apply_memit,
     default_edit_modules,
-    fit_key_covariance,
     load_edit_requests,
     training_free_editor,
 )
@@ -55,10 +54,17 @@ from malmen_hf.facts import IGNORE_INDEX, batches_by_length, collate, pad_id_of,
 from malmen_hf.memit import MemitSettings, generate_context_templates, residual_module_name
 from malmen_hf.offline_models import load_model_and_tokenizer
 from malmen_hf.scoring import per_fact_loss, rows_of_scored_tokens, scored_logits
-from malmen_hf.training.fitting import TRAINING_FREE_LOG_LAMBDA, TRAINING_FREE_LR, covariance_texts
+from malmen_hf.training.fitting import TRAINING_FREE_LOG_LAMBDA, TRAINING_FREE_LR
 from malmen_hf.training.teacher import teacher_seconds, teacher_values
 
-from common import command_line, load_counterfact_requests, machine_info, markdown_table
+from common import (
+    band_modules,
+    command_line,
+    load_counterfact_requests,
+    machine_info,
+    markdown_table,
+    memit_editor,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = REPO_ROOT.parent / "shared" / "data" / "counterfact"
@@ -167,7 +173,7 @@ def load_editors(args, model, tokenizer) -> tuple[dict[str, MalmenEditorModel], 
     if "fine_tuning" in args.methods:
         settings["fine_tuning_layers"] = edit_layers(editors, model)
     if "memit" in args.methods:
-        editors["memit"], settings["memit"] = memit_editor(args, model, tokenizer)
+        editors["memit"], settings["memit"] = memit_method(args, model, tokenizer)
     return editors, settings
 
 
@@ -197,16 +203,14 @@ class MemitMethod:
         return handle.revert
 
 
-def memit_editor(args, model, tokenizer) -> tuple[MemitMethod, dict]:
+def memit_method(args, model, tokenizer) -> tuple[MemitMethod, dict]:
     """MEMIT's band, its covariance (full rank) fitted on train.json prompts, and the model's context templates."""
-    first, last = (int(part) for part in args.memit_layers.split("-"))
-    modules = [f"model.layers.{i}.mlp.down_proj" for i in range(first, last + 1)]
-    editor = MalmenEditorModel.for_model(
-        model, edit_modules=modules, token_positions="subject_last", covariance_weight=args.memit_preserve,
-        covariance_rank=model.get_submodule(modules[0]).in_features, log_lambda_init=args.memit_log_lambda,
-    )  # fmt: skip
+    modules = band_modules(args.memit_layers)
     train = load_edit_requests(args.train_data, "counterfact")
-    fit_key_covariance(editor, model, covariance_texts(train, args.memit_covariance_facts), tokenizer)
+    editor = memit_editor(
+        model, tokenizer, modules, train, preserve=args.memit_preserve, log_lambda=args.memit_log_lambda,
+        covariance_facts=args.memit_covariance_facts,
+    )  # fmt: skip
     templates = generate_context_templates(model, tokenizer)
     method = MemitMethod(editor, templates, MemitSettings(), residual_module_name(modules))
     return method, {"layers": modules, "templates": templates, "preserve": args.memit_preserve}

@@ -31,7 +31,7 @@ from malmen_hf.training.distillation import DistillationArguments, distill_edito
 from malmen_hf.training.fitting import covariance_texts, fit_key_covariance
 from malmen_hf.training.teacher import cached_teacher_settings, teacher_values
 
-from common import REPO_ROOT, command_line, load_counterfact_requests, machine_info, sweep_splits
+from common import REPO_ROOT, band_modules, command_line, load_counterfact_requests, machine_info, sweep_splits
 
 SCORES = ("ES", "GS", "LS", "CF_efficacy", "CF_paraphrase", "CF_neighborhood")
 
@@ -75,8 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def edited_modules(args: argparse.Namespace) -> list[str]:
-    first, last = (int(part) for part in args.layers.split("-"))
-    return [f"model.layers.{i}.mlp.down_proj" for i in range(first, last + 1)]
+    return band_modules(args.layers)
 
 
 def build_editor(model, args: argparse.Namespace) -> MalmenEditorModel:

@@ -17,7 +17,7 @@ from malmen_hf.memit import MemitSettings, generate_context_templates, residual_
 from malmen_hf.offline_models import load_model_and_tokenizer
 from malmen_hf.training.teacher import teacher_values
 
-from common import load_counterfact_requests, sweep_splits
+from common import band_modules, load_counterfact_requests, sweep_splits
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model)
-    first, last = (int(part) for part in args.layers.split("-"))
-    residual_module = residual_module_name([f"model.layers.{i}.mlp.down_proj" for i in range(first, last + 1)])
+    residual_module = residual_module_name(band_modules(args.layers))
     train, _, _ = sweep_splits(load_counterfact_requests(args.data))
     facts = train[: args.num_facts]
     templates = generate_context_templates(model, tokenizer)
