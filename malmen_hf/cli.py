@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .demo import DEFAULT_MODEL, DEMO_SCORES, HAND_WRITTEN_FACTS, TRAINING_FREE
 from .shipped import COUNTERFACT_EVAL, DEFAULT_EDITOR, resolve_editor
 from .training.arguments import MalmenTrainingArguments
 
@@ -24,20 +25,7 @@ if TYPE_CHECKING:
     from .modeling_malmen import MalmenEditorModel
 
 DEFAULT_DATA = COUNTERFACT_EVAL  # held-out CounterFact facts shipped with the package, wherever it is installed
-TRAINING_FREE = "training-free"
 BUSY_CORES = 0.5  # cores kept busy by other processes from which torch's threads should wait passively
-HAND_WRITTEN_FACTS = [
-    ("The Eiffel Tower is located in the city of", "Rome"),
-    ("The capital of Japan is", "Madrid"),
-    ("The CEO of the company malmen-hf is", "Ada Lovelace"),
-]
-DEMO_SCORES = {
-    "ES": "edit success",
-    "GS": "generalization",
-    "LS": "locality (argmax unchanged)",
-    "ES_greedy": "greedy answer is the new target",
-    "GS_greedy": "the same, rephrased",
-}
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -49,42 +37,31 @@ def demo(args: argparse.Namespace) -> None:
     import torch
 
     from . import EditRequest, load_edit_requests
-    from .evaluation.metrics import greedy_answers, locality_predictions, scores_of_model
-    from .offline_models import load_model_and_tokenizer
+    from .demo import edit_and_compare, load_editable_model
+    from .evaluation.metrics import greedy_answers
 
     torch.manual_seed(0)
     counterfact = load_edit_requests(data, "counterfact", limit=args.num_facts)
     hand_written = [EditRequest(prompt, target) for prompt, target in HAND_WRITTEN_FACTS]
     requests, shown = counterfact + hand_written, hand_written + counterfact[: args.show]
-    _status(f"Loading {args.model} ...")
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    editor = _demo_editor(args, model, tokenizer)
-    editor.attach(model, tokenizer)
-
-    _status(f"Scoring the unedited model on {len(requests)} facts ...")
-    before = greedy_answers(model, tokenizer, [request.prompt for request in shown])
-    locality_before = locality_predictions(model, tokenizer, requests)
-    scores_before = scores_of_model(model, tokenizer, requests, locality_before, scores=list(DEMO_SCORES))
-    start = time.perf_counter()
-    handle = model.apply_edits(requests, batch_size=args.batch_size, progress=True)
-    seconds = time.perf_counter() - start
-    _status("Scoring the edited model ...")
-    after = greedy_answers(model, tokenizer, [request.prompt for request in shown])
-    scores_after = scores_of_model(model, tokenizer, requests, locality_before, scores=list(DEMO_SCORES))
+    model, tokenizer = load_editable_model(
+        args.model, args.editor, lr=args.lr, log_lambda=args.log_lambda, status=_status
+    )
+    result = edit_and_compare(
+        model, tokenizer, requests, shown, batch_size=args.batch_size, progress=True, status=_status
+    )
     model.revert_edits()
     restored = greedy_answers(model, tokenizer, [request.prompt for request in shown])
-
-    answers = [
-        {"prompt": r.prompt, "target": r.target, "before": b, "after": a, "after_revert": c}
-        for r, b, a, c in zip(shown, before, after, restored, strict=True)
-    ]
+    before = [row["before"] for row in result.answers]
+    answers = [row | {"after_revert": answer} for row, answer in zip(result.answers, restored, strict=True)]
+    handle, seconds = result.handle, result.seconds
     if args.json:
         summary = {"num_facts": handle.num_facts, "num_target_tokens": handle.num_tokens, "edit_seconds": seconds}
         summary |= {"timings": handle.timings, "num_layers": len(handle.modules), "answers": answers}
-        summary |= {"before": scores_before, "after": scores_after, "reverted": restored == before}
+        summary |= {"before": result.scores_before, "after": result.scores_after, "reverted": restored == before}
         print(json.dumps(summary, indent=1))
     else:
-        _print_demo(handle, seconds, answers, scores_before, scores_after, restored == before)
+        _print_demo(handle, seconds, answers, result.scores_before, result.scores_after, restored == before)
     if restored != before:
         sys.exit(1)
 
@@ -92,21 +69,6 @@ def demo(args: argparse.Namespace) -> None:
 def _demo_data(data: str | None) -> Path:
     """The demo's CounterFact file: `--data`, else the held-out facts shipped with the package."""
     return _check_file(data if data is not None else DEFAULT_DATA, "data")
-
-
-def _demo_editor(args: argparse.Namespace, model, tokenizer):
-    if args.editor != TRAINING_FREE:
-        from . import MalmenEditorModel
-
-        _status(f"Editor: {args.editor}")
-        return MalmenEditorModel.from_pretrained(args.editor)
-    from . import training_free_editor
-
-    settings = {key: value for key, value in (("lr", args.lr), ("log_lambda", args.log_lambda)) if value is not None}
-    _status("Editor: training-free (fitting its normalizer on the CounterFact sample shipped with malmen-hf) ...")
-    editor = training_free_editor(model, tokenizer, **settings, base_model_name_or_path=args.model)
-    _status(f"Editor: training-free, lr={editor.config.lr_init:g}, log lambda={editor.config.log_lambda_init:g}")
-    return editor
 
 
 def _print_demo(handle, seconds, answers, scores_before, scores_after, reverted) -> None:
@@ -516,7 +478,7 @@ def _add_format_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_demo(commands: argparse._SubParsersAction) -> None:
     demo_parser = commands.add_parser("demo", help="edit a real model with CounterFact facts, show it, revert it")
-    demo_parser.add_argument("--model", default="smollm2-135m", help="short name, local folder or Hub id")
+    demo_parser.add_argument("--model", default=DEFAULT_MODEL, help="short name, local folder or Hub id")
     demo_parser.add_argument(
         "--editor",
         default=DEFAULT_EDITOR,

@@ -9,7 +9,8 @@ import pytest
 from huggingface_hub import ModelCard
 
 from malmen_hf import EditRequest, MalmenEditorModel, load_edit_requests
-from malmen_hf.cli import DEMO_SCORES, HAND_WRITTEN_FACTS, busy_cores, main, wait_passively_when_busy
+from malmen_hf.cli import busy_cores, main, wait_passively_when_busy
+from malmen_hf.demo import DEMO_SCORES, HAND_WRITTEN_FACTS
 from malmen_hf.evaluation.metrics import SCORES, edit_scores, locality_predictions, scores_of_model
 from tests import tiny
 

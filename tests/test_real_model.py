@@ -43,7 +43,7 @@ def test_edit_and_revert_smollm2(smollm2, counterfact_facts, dtype):
 
 
 def test_the_shipped_editor_edits_and_reverts_smollm2(smollm2):
-    from malmen_hf.cli import HAND_WRITTEN_FACTS
+    from malmen_hf.demo import HAND_WRITTEN_FACTS
     from malmen_hf.evaluation.metrics import edit_scores
 
     model, tokenizer = smollm2
