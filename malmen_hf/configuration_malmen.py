@@ -90,6 +90,15 @@ class MalmenConfig(PreTrainedConfig):
         covariance_rank (`int`, defaults to 128):
             How many leading eigenvectors of each `C0` are kept (the rest is replaced by their mean eigenvalue times
             the identity), which keeps a saved editor small.
+        lifelong_normalization (`bool`, defaults to `False`):
+            UltraEdit's lifelong normalization: each `apply_edits` call first merges the keys and value gradients of
+            its facts into the hyper-networks' running statistics (per base-model batch and edited layer), then
+            normalizes them with the result, so that the statistics follow the model as rounds of edits change it
+            instead of staying those the editor was fitted or trained with (an editor trained on many facts has a
+            large count: each round then moves them little). The statistics after each round belong to the model, as
+            its edit history does (see `malmen_hf.edits.edit_history`): the editor is left unchanged, reverting a
+            round restores them, and each round's saved edits carry them. All of a call's keys are held until the
+            statistics are complete: memory grows with the number of facts.
         normalizer_eps (`float`, defaults to 1e-5):
             Lower bound on the running standard deviation when normalizing the hyper-network's inputs.
         training (`dict`, *optional*):
@@ -119,6 +128,7 @@ class MalmenConfig(PreTrainedConfig):
     covariance_weight: float | int = validated_field(_non_negative_number, default=0.0)
     covariance_rank: int = validated_field(_positive, default=128)
     history_weight: float | int = validated_field(_non_negative_number, default=0.0)
+    lifelong_normalization: bool = False
     normalizer_eps: float | int = validated_field(_positive, default=1e-5)
     training: dict | None = None
 

@@ -6,6 +6,7 @@ weights and keeps the way back.
 """
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Iterable
@@ -82,8 +83,13 @@ def apply_edits(
     _check_lengths(model, examples)
 
     timings = {"caching": 0.0, "hypernetwork": 0.0, "solve_and_apply": 0.0}
-    sums = NormalEquationSums(editor, modules, num_facts=len(requests), dual=True, history=edit_history(model))
-    rows = _RowBuffer(editor_batch_size)
+    lifelong = editor.config.lifelong_normalization
+    sums = NormalEquationSums(
+        editor, modules, num_facts=len(requests), dual=True, history=edit_history(model),
+        lifelong_normalization=lifelong,
+    )  # fmt: skip
+    # Lifelong normalization normalizes every row with statistics that hold the whole call's rows: all rows wait.
+    rows = _RowBuffer(math.inf if lifelong else editor_batch_size)
     start = time.perf_counter()
     stream = cached_batches(
         model, modules, examples, batches,
@@ -99,6 +105,7 @@ def apply_edits(
             timings["caching"] += time.perf_counter() - start
             start = time.perf_counter()
             with torch.no_grad():
+                sums.update_normalizers(cached)
                 sums.add(rows.full_chunks(cached), editor_batch_size)
             timings["hypernetwork"] += time.perf_counter() - start
             start = time.perf_counter()
@@ -169,8 +176,8 @@ class _RowBuffer:
     per module, whatever the number of facts.
     """
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, size: int | float):
+        self.size = size  # rows per editor batch; `math.inf` holds every row until `rest()`
         self.pending: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def full_chunks(

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,12 +164,29 @@ class EditHandle:
 
 def edit_history(model: nn.Module) -> dict[str, torch.Tensor]:
     """
-    The keys of the rounds of edits applied to `model` by editors with `history_weight > 0`: per edited layer, the sum
-    of `K^T K` over those rounds, one `d_in x d_in` matrix (empty when there is none). Later rounds add it to their
-    normal equation; reverting a round restores it as it was before that round. Saved with each round's edits
-    ([`EditHandle.save`]) and set again by [`load_edits`], so a history continues in another process.
+    What the rounds of edits applied to `model` leave for the later ones (empty when there is nothing):
+
+    - from editors with `history_weight > 0`, the keys of those rounds: per edited layer (by its name), the sum of
+      `K^T K` over them, one `d_in x d_in` matrix, which later rounds add to their normal equation;
+    - from editors with `lifelong_normalization`, the running statistics of each hyper-network's normalizer after the
+      last such round, under their names in the editor's state dict (see [`normalizer_statistic_name`]), which later
+      rounds continue from.
+
+    Reverting a round restores it as it was before that round. Saved with each round's edits ([`EditHandle.save`])
+    and set again by [`load_edits`], so a history continues in another process.
     """
     return dict(model.__dict__.get(_EDIT_HISTORY) or {})
+
+
+def normalizer_statistic_name(shape_key: str, buffer: str) -> str:
+    """
+    The name, in a model's edit history, of the buffer `buffer` of the running normalizer of the editor's
+    hyper-network `shape_key` (`"{d_in}x{d_out}"`): its name in the editor's state dict.
+    """
+    return f"nets.{shape_key}.normalizer.{buffer}"
+
+
+_NORMALIZER_STATISTIC = re.compile(r"nets\.\d+x\d+\.normalizer\.\w+")
 
 
 def _set_history(model: nn.Module, history: dict[str, torch.Tensor] | None) -> None:
@@ -353,7 +371,10 @@ def load_edits(model: nn.Module, directory: str | os.PathLike, *, editor: nn.Mod
 
 
 def _read_history(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The edit history saved with the edits (edits made with `history_weight > 0`), checked; else `None`."""
+    """
+    The edit history saved with the edits (edits made with `history_weight > 0` or `lifelong_normalization`),
+    checked; else `None`.
+    """
     digest = manifest.get("history_sha256")
     if digest is None:
         return None
@@ -363,8 +384,11 @@ def _read_history(folder: Path, manifest: dict[str, Any]) -> dict[str, torch.Ten
             f"{path} is missing or is not the file its manifest describes (its SHA-256 differs); nothing was changed"
         )
     history = load_file(path)
-    for name, gram in history.items():
-        if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or not torch.isfinite(gram).all():
+    for name, tensor in history.items():
+        if _NORMALIZER_STATISTIC.fullmatch(name):
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{path}: the statistic {name!r} is not finite; nothing was changed")
+        elif tensor.dim() != 2 or tensor.shape[0] != tensor.shape[1] or not torch.isfinite(tensor).all():
             raise ValueError(f"{path}: the history of {name!r} is not a finite square matrix; nothing was changed")
     return history
 

@@ -20,6 +20,7 @@ from transformers.utils import cached_file
 
 from .configuration_malmen import MalmenConfig
 from .editing import apply_edits, attach_editor
+from .functional import value_differences
 from .layers import default_edit_modules, get_edit_module, weight_shape
 from .saving import atomic_directory
 from .shipped import resolve_editor
@@ -128,13 +129,31 @@ class MalmenNet(nn.Module):
         self.log_lambda = nn.Parameter(torch.empty(num_layers))  # the log of the ridge coefficient
 
     def forward(
-        self, keys: torch.Tensor, value_grads: torch.Tensor, layer_index: int
+        self,
+        keys: torch.Tensor,
+        value_grads: torch.Tensor,
+        layer_index: int,
+        normalizer: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.normalizer(torch.cat((keys, value_grads), dim=-1))
+        """
+        The pseudo keys and pseudo value gradients of the rows `(keys, value_grads)` of layer `layer_index`.
+
+        Args:
+            normalizer (`nn.Module`, *optional*): Statistics to normalize with instead of the net's own: the running
+                ones of lifelong normalization (see `MalmenConfig.lifelong_normalization`).
+        """
+        normalizer = self.normalizer if normalizer is None else normalizer
+        hidden = normalizer(torch.cat((keys, value_grads), dim=-1))
         for block in self.blocks:
             hidden = block(hidden, layer_index)
         pseudo_keys, pseudo_value_grads = hidden.split([self.d_in, self.d_out], dim=-1)
         return pseudo_keys, pseudo_value_grads
+
+    def value_differences(
+        self, keys: torch.Tensor, pseudo_keys: torch.Tensor, pseudo_value_grads: torch.Tensor, layer_index: int
+    ) -> torch.Tensor:
+        """Step 2's value differences `d = -lr[m] <k, k~> g~` of layer `layer_index` (see [`value_differences`])."""
+        return value_differences(keys, pseudo_keys, pseudo_value_grads, self.lr[layer_index])
 
 
 class MalmenPreTrainedModel(PreTrainedModel):

@@ -3,10 +3,13 @@ Step 3 of MALMEN and its backward: the running sums of the normal equation of ea
 weight shift per layer, and the closed-form gradient through that solve that meta-training (step 4) needs.
 """
 
+import copy
+
 import torch
 from torch import nn
 
-from .functional import dual_least_squares_shift, least_squares_shift, summed_shift, value_differences
+from .edits import normalizer_statistic_name
+from .functional import dual_least_squares_shift, least_squares_shift, summed_shift
 from .layers import weight_shape
 
 
@@ -18,6 +21,10 @@ class NormalEquationSums:
     With `dual`, a least-squares module keeps its keys and value differences instead, as long as it has at most
     `d_in` of them, and is solved through the `n x n` system of its tokens ([`dual_least_squares_shift`]): cheaper
     in time and memory with fewer tokens than key features. Training back-propagates through the sums: no `dual`.
+
+    With `lifelong_normalization` (see `MalmenConfig.lifelong_normalization`), the hyper-networks normalize with
+    running copies of their normalizers, which start from the statistics in `history` (else the editor's own) and
+    take in this round's rows through [`~NormalEquationSums.update_normalizers`], all before the first `add`.
     """
 
     def __init__(
@@ -27,6 +34,7 @@ class NormalEquationSums:
         num_facts: int,
         dual: bool = False,
         history: dict[str, torch.Tensor] | None = None,
+        lifelong_normalization: bool = False,
     ):
         self.editor = editor
         self.least_squares = editor.config.aggregation == "least_squares"
@@ -42,6 +50,12 @@ class NormalEquationSums:
         # The running sums stay in (at least) float32 even for a half-precision editor: they add up many batches.
         self.device, self.dtype = editor.device, torch.promote_types(editor.dtype, torch.float32)
         self.names = list(modules)
+        self.shape_keys = dict(zip(editor.config.edit_modules, editor.config.shape_keys, strict=True))
+        # Per hyper-network (by shape key), the running normalizer of lifelong normalization.
+        self.normalizers: dict[str, nn.Module] = {}
+        if lifelong_normalization:
+            self.normalizers = {self.shape_keys[name]: self._running_normalizer(self.shape_keys[name])
+                                for name in self.names}  # fmt: skip
         self.gram, self.cross = {}, {}
         self.rows: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # the dual modules' (keys, diffs)
         for name, module in modules.items():
@@ -54,15 +68,34 @@ class NormalEquationSums:
             if self.least_squares:
                 self.gram[name] = torch.zeros(d_in, d_in, device=self.device, dtype=self.dtype)
 
+    def _running_normalizer(self, shape_key: str) -> nn.Module:
+        """A copy of the normalizer of the hyper-network `shape_key`, with the statistics the history holds for it."""
+        normalizer = copy.deepcopy(self.editor.nets[shape_key].normalizer)
+        names = {buffer: normalizer_statistic_name(shape_key, buffer) for buffer in normalizer.state_dict()}
+        if any(name in self.history for name in names.values()):
+            normalizer.load_state_dict({buffer: self.history[name] for buffer, name in names.items()})
+        return normalizer
+
+    def update_normalizers(self, cached: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """
+        Merges one base-model batch's rows into the running normalizers, module by module (nothing without lifelong
+        normalization).
+        """
+        for name, (keys, value_grads) in cached.items():
+            normalizer = self.normalizers.get(self.shape_keys[name])
+            if normalizer is not None:
+                normalizer.update(torch.cat((keys, value_grads), dim=-1).to(normalizer.mean.device))
+
     def add(self, cached: dict[str, tuple[torch.Tensor, torch.Tensor]], editor_batch_size: int) -> None:
         for name, (keys, value_grads) in cached.items():
             net, layer_index = self.editor.net_for(name)
+            normalizer = self.normalizers.get(self.shape_keys[name])
             for start in range(0, keys.shape[0], editor_batch_size):
                 chunk_keys = keys[start : start + editor_batch_size].to(self.device, self.editor.dtype)
                 chunk_grads = value_grads[start : start + editor_batch_size].to(self.device, self.editor.dtype)
-                pseudo_keys, pseudo_grads = net(chunk_keys, chunk_grads, layer_index)
+                pseudo_keys, pseudo_grads = net(chunk_keys, chunk_grads, layer_index, normalizer=normalizer)
                 if self.least_squares:
-                    diffs = value_differences(chunk_keys, pseudo_keys, pseudo_grads, net.lr[layer_index])
+                    diffs = net.value_differences(chunk_keys, pseudo_keys, pseudo_grads, layer_index)
                     self._add_rows(name, chunk_keys.to(self.dtype), diffs.to(self.dtype))
                 else:
                     self.cross[name].addmm_(pseudo_keys.T.to(self.dtype), pseudo_grads.to(self.dtype))
@@ -95,13 +128,20 @@ class NormalEquationSums:
 
     def history_after(self) -> dict[str, torch.Tensor] | None:
         """
-        The model's history once this round is applied (`H + K^T K` per layer, new tensors), or `None` when the
-        editor keeps none (`history_weight` 0, or MEND's sum).
+        The model's history once this round is applied (new tensors for what this round changes: `H + K^T K` per
+        layer, the running normalizers' statistics; the rest as it was), or `None` when the editor keeps none
+        (`history_weight` 0, or MEND's sum, and no lifelong normalization).
         """
-        if self.history_weight == 0:
+        if self.history_weight == 0 and not self.normalizers:
             return None
-        return {name: self.history[name].to(self.gram[name]) + self.gram[name] if name in self.history
-                else self.gram[name].clone() for name in self.names}  # fmt: skip
+        after = dict(self.history)
+        if self.history_weight > 0:
+            after.update({name: self.history[name].to(self.gram[name]) + self.gram[name] if name in self.history
+                          else self.gram[name].clone() for name in self.names})  # fmt: skip
+        for shape_key, normalizer in self.normalizers.items():
+            after.update({normalizer_statistic_name(shape_key, buffer): statistic.detach().clone()
+                          for buffer, statistic in normalizer.state_dict().items()})  # fmt: skip
+        return after
 
     def _stacked_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat([keys for keys, _ in self.rows[name]]), torch.cat([diffs for _, diffs in self.rows[name]])
@@ -171,7 +211,7 @@ def backward_through_solve(
         chunk_grads = value_grads[start : start + editor_batch_size]
         pseudo_keys, pseudo_grads = net(chunk_keys, chunk_grads, layer_index)
         if sums.least_squares:
-            diffs = value_differences(chunk_keys, pseudo_keys, pseudo_grads, net.lr[layer_index])
+            diffs = net.value_differences(chunk_keys, pseudo_keys, pseudo_grads, layer_index)
             # dL/dD = K M^-1 G: each token's value difference sees the gradient of its own row.
             surrogate = (diffs * (chunk_keys @ solved)).sum()
         else:
