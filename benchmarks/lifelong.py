@@ -7,13 +7,17 @@ prompts (the n-gram entropy MEMIT and AlphaEdit report) and the perplexity of he
 
 - `malmen`: the editor `--editor` (the released one by default), each round with `apply_edits`, no history;
 - `malmen_history`: the same editor with `history_weight` `--history-weight`: each round keeps the earlier keys;
+- `malmen_lifelong_norm`: `malmen_history` with `lifelong_normalization`: each round's keys and value gradients are
+  merged into the editor's input statistics before they are normalized (UltraEdit's lifelong normalization);
+- `ultraedit`: UltraEdit (`ultraedit.py`): no hyper-network, lifelong normalization, `-lr |k^|^2 g^`, ridge 1, on the
+  MLP output projections of blocks `--ultraedit-layers` with lr `--ultraedit-lr`, 10 facts per batch as theirs;
 - `memit`: MEMIT round after round (`apply_memit`, values cached in `--memit-cache`);
 - `alphaedit`: MEMIT's values with AlphaEdit's null-space projection and the history of earlier rounds.
 
 Resumable: each round's edits are saved under `--runs-dir` (with the edit history), and a rerun loads the rounds done
 and goes on; rows already in `--output` are kept.
 
-    python benchmarks/lifelong.py --methods malmen malmen_history --round-size 100 --rounds 10
+    python benchmarks/lifelong.py --methods malmen malmen_history malmen_lifelong_norm ultraedit --rounds 10
 """
 
 import argparse
@@ -44,9 +48,11 @@ from common import (
     markdown_table,
     memit_editor,
 )
+from ultraedit import ULTRAEDIT_BATCH_SIZE, ULTRAEDIT_LR, ultraedit_editor
 
 SCORES = ("ES", "GS", "LS")
-METHODS = ("malmen", "malmen_history", "memit", "alphaedit")
+METHODS = ("malmen", "malmen_history", "malmen_lifelong_norm", "ultraedit", "memit", "alphaedit")
+APPLY_EDITS_METHODS = ("malmen", "malmen_history", "malmen_lifelong_norm", "ultraedit")  # the rest are MEMIT's
 FLUENCY_PROMPTS = [
     "The weather today", "My favourite book", "In the morning I", "The history of the city", "Scientists found that",
     "The best way to cook", "When I was young", "The new phone", "During the war", "The river flows",
@@ -62,7 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--editor", default=DEFAULT_EDITOR, help="the MALMEN editor (short name, folder or Hub id)")
     parser.add_argument("--round-size", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--history-weight", type=float, default=1.0, help="b of malmen_history and alphaedit")
+    parser.add_argument(
+        "--history-weight", type=float, default=1.0, help="b of malmen_history, malmen_lifelong_norm and alphaedit"
+    )
+    parser.add_argument("--ultraedit-layers", default="24-29", help="the blocks UltraEdit edits (the editor's)")
+    parser.add_argument("--ultraedit-lr", type=float, default=ULTRAEDIT_LR)
     parser.add_argument("--memit-layers", default="12-17")
     parser.add_argument("--memit-preserve", type=float, default=0.3)
     parser.add_argument("--null-space-fraction", type=float, default=0.01)
@@ -119,10 +129,15 @@ class Editor:
 
     def __init__(self, method, model, tokenizer, args):
         self.method, self.args = method, args
+        self.batch_size = ULTRAEDIT_BATCH_SIZE if method == "ultraedit" else args.batch_size
+        if method == "ultraedit":
+            self.editor = ultraedit_editor(model, band_modules(args.ultraedit_layers), lr=args.ultraedit_lr)
+            return
         if method.startswith("malmen"):
             self.editor = MalmenEditorModel.from_pretrained(args.editor)
-            if method == "malmen_history":
+            if method in ("malmen_history", "malmen_lifelong_norm"):
                 self.editor.config.history_weight = args.history_weight
+            self.editor.config.lifelong_normalization = method == "malmen_lifelong_norm"
             return
         modules = band_modules(args.memit_layers)
         self.editor = memit_editor(
@@ -133,8 +148,8 @@ class Editor:
         self.residual_module = residual_module_name(modules)
 
     def edit(self, model, tokenizer, facts, all_facts):
-        if self.method.startswith("malmen"):
-            return self.editor.apply_edits(model, facts, tokenizer=tokenizer, batch_size=self.args.batch_size)
+        if self.method in APPLY_EDITS_METHODS:
+            return self.editor.apply_edits(model, facts, tokenizer=tokenizer, batch_size=self.batch_size)
         # The values of these facts on the model as it is now (after the earlier rounds), cached by the facts.
         start = all_facts.index(facts[0])
         settings = f"a{self.args.memit_preserve:g}-f{self.args.null_space_fraction:g}-b{self.args.history_weight:g}"
