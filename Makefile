@@ -8,22 +8,37 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN = $(VENV)/bin
 
-.PHONY: install test test-fast test-oldest demo lint bench bench-quality device-check
+.PHONY: install chromium test test-fast test-oldest demo lint bench bench-quality device-check
 
 $(BIN)/malmen-hf: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
 	$(BIN)/python -m pip install --quiet --retries 1 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,app]"
 	touch $@
 
 install: $(BIN)/malmen-hf
 
 lint: install
-	$(BIN)/ruff check malmen_hf tests benchmarks
-	$(BIN)/ruff format --check malmen_hf tests benchmarks
+	$(BIN)/ruff check malmen_hf tests benchmarks app.py
+	$(BIN)/ruff format --check malmen_hf tests benchmarks app.py
 
-test: lint
+# Chromium for the browser demo's test (tests/test_app.py), from the system's packages when it is missing and apt-get
+# may install it (as root, or with sudo without a password); otherwise that test skips and says why.
+APT_GET = $(if $(filter 0,$(shell id -u)),apt-get,$(if $(shell sudo -n true 2>/dev/null && echo yes),sudo -n apt-get))
+chromium:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif ! command -v apt-get >/dev/null || [ -z "$(APT_GET)" ]; then \
+		echo "No Chromium, and apt-get cannot install it here: tests/test_app.py will skip."; \
+	else \
+		echo "Installing Chromium for tests/test_app.py: $(APT_GET) install chromium"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$(APT_GET) install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+		{ $(APT_GET) update -qq && $(APT_GET) install -y -qq --no-install-recommends chromium >/dev/null; } || \
+		echo "Chromium could not be installed: tests/test_app.py will skip."; \
+	fi
+
+test: lint chromium
 	$(BIN)/python -m pytest
 
 # The same tests with the oldest dependency versions pyproject.toml allows (constraints/oldest.txt), in .venv-oldest.
