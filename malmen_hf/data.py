@@ -1,17 +1,12 @@
 """Loaders that turn knowledge-editing data (CounterFact, zsRE, FEVER, plain fact files) into `EditRequest`s."""
 
+import json
 import os
-import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date, time
 from itertools import islice
 from typing import Any
-
-import datasets
-from datasets.exceptions import DatasetGenerationError
 
 from .facts import EditRequest
 
@@ -80,8 +75,8 @@ def load_edit_requests(
     path: str | os.PathLike, format: str = "auto", *, limit: int | None = None, skip_invalid: bool = False
 ) -> list[EditRequest]:
     """
-    Reads a JSON array or JSON Lines file of edit records (through `datasets.load_dataset("json")`) into
-    [`EditRequest`]s, with their rephrasings and locality prompts.
+    Reads a JSON array or JSON Lines file of edit records into [`EditRequest`]s, with their rephrasings and locality
+    prompts. Values are taken as the file writes them (the standard library's `json`: no column types are inferred).
 
     The formats, with the keys each reads (other keys are ignored, except in `"generic"`):
 
@@ -164,49 +159,40 @@ def _describe_formats() -> str:
     return "; ".join(f"{name!r} (required keys: {', '.join(keys)})" for name, keys in FORMATS.items())
 
 
-def _read_records(path: str) -> datasets.Dataset:
+def _read_records(path: str) -> list[dict[str, Any]]:
+    """The records of a JSON array file or a JSON Lines file, in file order, read with the standard library."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No such data file: '{path}'")
-    # `datasets` writes Arrow files into its cache even with keep_in_memory=True: use a throwaway cache, so loading
-    # leaves nothing behind, in the project or in ~/.cache.
-    with tempfile.TemporaryDirectory(prefix="malmen_hf_data_") as cache_dir, _no_download_count():
-        try:
-            records = datasets.load_dataset(
-                "json", data_files=path, split="train", cache_dir=cache_dir, keep_in_memory=True
-            )
-        except (StopIteration, ValueError, DatasetGenerationError) as error:
-            raise _read_error(path, error) from error
-    if len(records) == 0:
+    try:
+        with open(path, encoding="utf-8-sig") as file:  # a leading byte order mark is no part of the JSON
+            records = _parse_records(file.read())
+    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}: cannot be read as a JSON array of records or as JSON Lines ({error})") from None
+    if not records:
         raise ValueError(f"{path}: the file holds no records")
     return records
 
 
-@contextmanager
-def _no_download_count() -> Iterator[None]:
-    # `load_dataset("json")` sends a HEAD request to the Hub to count a download, even for a local file; without a
-    # network that costs up to seconds per call (a 3 s timeout plus DNS). Reading a local file is no download.
-    if not hasattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS"):
-        yield
-        return
-    previous = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
-    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
-    try:
-        yield
-    finally:
-        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = previous
-
-
-def _read_error(path: str, error: Exception) -> ValueError:
-    # An empty file stops the json builder with a bare StopIteration, an empty array with "corresponds to no data".
-    if isinstance(error, StopIteration) or "corresponds to no data" in str(error):
-        return ValueError(f"{path}: the file holds no records")
-    # DatasetGenerationError only says "An error occurred while generating the dataset": show what caused it.
-    detail = error.__cause__ or error
-    return ValueError(f"{path}: cannot be read as a JSON array of records or as JSON Lines ({detail})")
+def _parse_records(text: str) -> list[dict[str, Any]]:
+    if text.lstrip().startswith("["):
+        records = json.loads(text)
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:  # its own message would say "line 1" of the one line it saw
+                raise ValueError(f"line {number} column {error.colno}: {error.msg}") from None
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"record {index} is {json.dumps(record)[:80]}, not an object")
+    return records
 
 
 def _detect_format(path: str, record: Mapping[str, Any]) -> str:
-    # `datasets` gives every record the union of all records' keys, filling the absent ones with None.
+    # A key whose value is null counts as missing, as it does in every record.
     keys = sorted(key for key, value in record.items() if value is not None)
     matches = [name for name, required in FORMATS.items() if set(required) <= set(keys)]
     if len(matches) == 1:
@@ -259,12 +245,6 @@ def _reject_unknown_keys(record: Mapping[str, Any], layout: _Layout) -> None:
 
 
 def _text(key: str, value: Any) -> str:
-    if isinstance(value, date | time):
-        # pyarrow's JSON reader turns a column whose every value is an ISO date/time string into timestamps.
-        raise ValueError(
-            f"{key!r} was read as a date/time ({value!r}): `datasets` parses a column whose values all look like "
-            "ISO dates as timestamps, and the original text is lost"
-        )
     if not isinstance(value, str):
         raise ValueError(f"{key!r} must be a string, got {value!r}")
     if not value.strip():

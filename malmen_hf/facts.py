@@ -4,9 +4,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -268,8 +267,10 @@ def batches_by_length(examples: Sequence[TokenizedExample], batch_size: int) -> 
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def collate(examples: Sequence[TokenizedExample], pad_id: int, kind: ModelKind) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[TokenizedExample], pad_id: int, kind: ModelKind) -> dict[str, "torch.Tensor"]:
     """Right-pads a batch: positions never move, so per-token results do not depend on the batch."""
+    import torch  # here, not at the top: reading and checking facts (the CLI's first step) needs no torch
+
     batch = {
         "input_ids": _pad([example.input_ids for example in examples], pad_id),
         "attention_mask": _pad([[1] * len(example.input_ids) for example in examples], 0),
@@ -283,6 +284,8 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int, kind: ModelKind) 
     return batch
 
 
-def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+def _pad(rows: list[list[int]], value: int) -> "torch.Tensor":
+    import torch
+
     width = max(len(row) for row in rows)
     return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)

@@ -4,7 +4,6 @@ import re
 import socket
 from pathlib import Path
 
-import datasets
 import pytest
 
 from malmen_hf.data import FORMATS, load_edit_requests
@@ -243,13 +242,11 @@ def test_loading_leaves_no_cache_files_beside_the_data(tmp_path):
 
 
 def test_loading_a_local_file_makes_no_network_call(tmp_path, monkeypatch):
-    # Left alone, `load_dataset("json")` looks up the Hub's S3 bucket to count a download (seconds when offline).
+    # Reading a local file is no download: nothing may look up a host (as `datasets.load_dataset` once did).
     lookups = []
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, *args, **kwargs: lookups.append(host) or [])
-    before = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
     assert load_edit_requests(write(tmp_path, GENERIC)) == EXPECTED["generic"]
     assert lookups == []
-    assert before is datasets.config.HF_UPDATE_DOWNLOAD_COUNTS  # restored
 
 
 def test_limit_reads_the_first_records_only(tmp_path):
@@ -267,7 +264,7 @@ def test_bad_limit(tmp_path, limit):
 
 @pytest.mark.parametrize("fmt", list(RECORDS))
 def test_missing_key_names_file_record_and_key(tmp_path, fmt):
-    # Record 1 lacks the key, record 0 has it: `datasets` fills the gap with None, which counts as missing.
+    # Record 1 lacks the key that record 0 has.
     path = write(tmp_path, with_change(RECORDS[fmt], 1, TARGET_KEY[fmt], delete=True), f"{fmt}.jsonl")
     with pytest.raises(ValueError, match=error_at(path, 1, f"missing key '{TARGET_KEY[fmt]}'")):
         load_edit_requests(path, format=fmt)
@@ -301,7 +298,7 @@ def test_rephrase_of_the_wrong_type_is_an_error(tmp_path, fmt, rephrase):
 
 @pytest.mark.parametrize("fmt", list(RECORDS))
 def test_number_where_text_belongs_is_an_error(tmp_path, fmt):
-    # Every record holds a number, so `datasets` types the column int64: nothing is turned into text silently.
+    # A number where text belongs is an error: nothing is turned into text silently.
     records = [{**record, TARGET_KEY[fmt]: 1990 + index} for index, record in enumerate(RECORDS[fmt])]
     path = write(tmp_path, records)
     with pytest.raises(ValueError, match=error_at(path, 0, f"'{TARGET_KEY[fmt]}' must be a string, got 1990")):
@@ -329,14 +326,12 @@ def test_generic_locality_prompt_without_answer_is_an_error(tmp_path):
         load_edit_requests(path, format="generic")
 
 
-def test_iso_date_targets_are_not_silently_changed(tmp_path):
-    # pyarrow reads a column of ISO dates as timestamps; the loader refuses rather than return different text.
-    records = [{"prompt": "The treaty was signed on", "target": "1990-05-01"}]
-    path = write(tmp_path, records)
-    with pytest.raises(ValueError, match=error_at(path, 0, "'target' was read as a date/time")):
-        load_edit_requests(path)
-    records.append({"prompt": "The war ended in", "target": "the spring"})
-    assert load_edit_requests(write(tmp_path, records))[0].target == "1990-05-01"
+@pytest.mark.parametrize("name", ["data.json", "data.jsonl"])
+def test_values_are_the_files_text_whatever_it_looks_like(tmp_path, name):
+    # A column of ISO dates or of digits stays text (a reader that infers column types, as pyarrow does, would not).
+    records = [{"prompt": "The treaty was signed on", "target": "1990-05-01"}, {"prompt": "Pi is", "target": "3.14"}]
+    requests = load_edit_requests(write(tmp_path, records, name))
+    assert [request.target for request in requests] == ["1990-05-01", "3.14"]
 
 
 def test_unknown_keys_cannot_be_detected(tmp_path):
@@ -387,6 +382,26 @@ def test_file_that_is_not_json(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[{"prompt": "The capital of France is", "target": ')
     with pytest.raises(ValueError, match=re.escape(f"{path}: cannot be read as a JSON array")):
+        load_edit_requests(path)
+
+
+def test_a_broken_json_lines_file_names_the_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"prompt": "a", "target": "b"}\n\n{"prompt": "c", "target": d}\n')
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"{path}: cannot be read as a JSON array of records or as JSON Lines (line 3 column 27: Expecting value)"
+        ),
+    ):
+        load_edit_requests(path)
+
+
+@pytest.mark.parametrize("text", ['["a", "b"]', '{"prompt": "a", "target": "b"}\n[1]\n'])
+def test_records_must_be_objects(tmp_path, text):
+    path = tmp_path / "data.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"\(record [01] is .*, not an object\)"):
         load_edit_requests(path)
 
 
