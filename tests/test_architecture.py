@@ -15,7 +15,10 @@ def module_name(path: Path) -> str:
 
 
 def imports_of(path: Path) -> list[tuple[str, list[str]]]:
-    """Every `from X import names` and `import X` of a file, at any depth, with X resolved to an absolute name."""
+    """
+    Every `from X import names` and `import X` of a file, at any depth, with X resolved to an absolute name, and every
+    `importlib.import_module("X")` of a module named in full (a module loaded by name is imported all the same).
+    """
     package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
@@ -25,6 +28,10 @@ def imports_of(path: Path) -> list[tuple[str, list[str]]]:
             found.append((target, [alias.name for alias in node.names]))
         elif isinstance(node, ast.Import):
             found += [(alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module" and node.args:
+            name = node.args[0]
+            if isinstance(name, ast.Constant) and isinstance(name.value, str) and not name.value.startswith("."):
+                found.append((name.value, []))
     return found
 
 

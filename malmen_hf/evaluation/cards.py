@@ -8,10 +8,11 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..offline_models import OFFLINE_MODELS
 from ..shipped import package_data_dir
-from .metrics import SCORES
+from .scores import SCORES
 
 if TYPE_CHECKING:
-    from ..modeling_malmen import MalmenEditorModel
+    # Not `MalmenEditorModel`: `modeling_malmen` loads this module to write cards, and must not be imported back.
+    from transformers import PreTrainedModel
 
 TEMPLATE_NAME = "editor_card.md"
 TAGS = ["model-editing", "knowledge-editing", "malmen", "malmen-hf"]
@@ -31,7 +32,7 @@ def template_path() -> Path:
 
 
 def editor_card(
-    editor: "MalmenEditorModel",
+    editor: "PreTrainedModel",
     results: Sequence[Mapping[str, Any]] = (),
     *,
     editor_id: str = "path/to/editor",
@@ -44,9 +45,10 @@ def editor_card(
     `model-index` with one result per score and N), usage, the editor's settings, its results and training settings.
 
     Args:
-        editor ([`MalmenEditorModel`]): The editor; its config gives the base model, layers and training settings.
+        editor ([`MalmenEditorModel`]): The editor; its config (a [`MalmenConfig`]) gives the base model, layers and
+            training settings.
         results (sequence of `dict`): Rows `{"n": N, "ES": ..., "GS": ..., ...}` with any of the names in
-            [`~metrics.SCORES`], e.g. what `malmen-hf eval --json` prints under `"after"`, plus `"n"`.
+            [`~scores.SCORES`], e.g. what `malmen-hf eval --json` prints under `"after"`, plus `"n"`.
         editor_id (`str`): The Hub id or folder users load the editor from, for the usage snippet.
         dataset (`str`, *optional*): The Hub id or name of the data the results were measured on.
         results_command (`str` or `list[str]`, *optional*): The command(s) that measured the results.

@@ -19,6 +19,8 @@ from ..facts import (
     tokenize_examples,
 )
 from ..scoring import scored_logits
+from .scores import DEFAULT_SCORES, check_scores
+from .scores import SCORES as SCORES  # where the scores are computed is where their names were always imported from
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -173,21 +175,6 @@ def locality_predictions(
     return [predicted for predicted, _ in predictions]
 
 
-DEFAULT_SCORES = ("ES", "GS", "LS")
-SCORES = {
-    "ES": "edit success: teacher-forced token accuracy of the new target on the edit prompts",
-    "GS": "generalization: the same on the rephrasings",
-    "LS": "locality: share of locality answer positions whose argmax is unchanged by the edit",
-    "LS_acc": "locality as accuracy: teacher-forced token accuracy of the dataset's locality answers",
-    "ES_greedy": "greedy exact match: share of edit prompts whose greedy continuation is the new target",
-    "GS_greedy": "the same on the rephrasings",
-    "CF_efficacy": "CounterFact efficacy: share of edit prompts where P(new target) > P(ground truth)",
-    "CF_paraphrase": "CounterFact paraphrase: the same on the rephrasings",
-    "CF_neighborhood": "CounterFact neighborhood: share of locality prompts where P(ground truth) > P(new target)",
-}
-"""Every score [`scores_of_model`] can compute, with what it measures. All are means over facts, in `[0, 1]`."""
-
-
 def scores_of_model(
     model: "PreTrainedModel",
     tokenizer: "PreTrainedTokenizerBase",
@@ -213,9 +200,7 @@ def scores_of_model(
     Returns:
         `dict[str, float]` with the requested `scores` (`nan` where no request has what a score needs).
     """
-    unknown = sorted(set(scores) - set(SCORES))
-    if unknown:
-        raise ValueError(f"unknown scores {unknown}; the known ones are {list(SCORES)}")
+    check_scores(scores)
     edit_pairs = [(r.prompt, r.target) for r in requests]
     rephrase_pairs = [(text, r.target) for r in requests for text in r.rephrases]
     locality_pairs = [(r.locality_prompt, r.locality_answer) for r in requests if r.locality_prompt is not None]
