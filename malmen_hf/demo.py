@@ -2,7 +2,7 @@
 What the demos share (`malmen-hf demo` on the command line and the browser demo, `app.py`): a base model loaded with
 its editor attached, and one edit of many facts with the answers and scores before and after it.
 
-Like `cli.py`, this module imports torch and transformers only when a function needs them.
+Like the commands of `malmen-hf`, this module imports torch and transformers only when a function needs them.
 """
 
 import time

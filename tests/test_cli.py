@@ -176,6 +176,37 @@ def test_edit_without_facts_fails_in_one_line(saved, capsys):
     )
 
 
+MISSING_TARGET = json.dumps([RECORDS[0], {key: value for key, value in RECORDS[1].items() if key != "target_new"}])
+
+
+@pytest.mark.parametrize(
+    ("command", "content", "message"),
+    [
+        (["edit", "--facts", "{facts}"], MISSING_TARGET, "{facts}, record 1: missing key 'target_new'"),
+        (["edit", "--facts", "{facts}"], '[{"prompt": "a", "target": ', "{facts}: cannot be read as a JSON array"),
+        (["eval", "--data", "{facts}"], MISSING_TARGET, "{facts}, record 1: missing key 'target_new'"),
+        (["demo", "--data", "{facts}"], MISSING_TARGET, "{facts}, record 1: missing key 'target_new'"),
+        (
+            ["train", "--model", "smollm2-135m", "--data", "{facts}", "--output-dir", "out"],
+            MISSING_TARGET,
+            "{facts}, record 1: missing key 'target_new'",
+        ),
+    ],
+)
+def test_a_bad_facts_file_fails_in_one_line_before_torch_is_imported(tmp_path, command, content, message):
+    """The facts are read and checked before the slow imports (torch, transformers): a bad file fails at once."""
+    facts = tmp_path / "facts.json"
+    facts.write_text(content)
+    command = [part.format(facts=facts) for part in command]
+    script = (
+        f"import sys\nfrom malmen_hf.cli import main\ntry:\n    main({command!r})\nexcept SystemExit as exit:\n"
+        "    print(exit.code, sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.splitlines() == ["2 []"], result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1].startswith(f"malmen-hf {command[0]}: error: {message.format(facts=facts)}")
+
+
 def test_a_base_models_folder_as_editor_fails_in_one_line_with_exit_2(saved, capsys):
     folder, _, _ = saved
     with pytest.raises(SystemExit) as exit_info:
@@ -225,7 +256,7 @@ def _no_slow_work(monkeypatch):
         (["edit", "--model", "smollm2-360m", "--fact", "a", "b"], "known are smollm2-135m"),
         (["demo", "--editor", "./nope"], "editor not found: ./nope is not a folder; the short names known are"),
         (["train", "--data", "missing.json", "--output-dir", "x"], "data not found: missing.json is not a file"),
-        (["eval", "--scores", "ES", "XS"], "unknown --scores ['XS']"),
+        (["eval", "--scores", "ES", "XS"], "unknown scores ['XS']"),
     ],
 )
 def test_bad_paths_and_names_fail_at_once_with_not_found(saved, monkeypatch, capsys, arguments, message):
