@@ -184,13 +184,14 @@ def check_source(name_or_path: str, kind: str = "model", short_names: Iterable[s
     Raises:
         `FileNotFoundError`: `"<kind> not found: ..."`, with the short names known.
     """
+    short_names = sorted(short_names)
+    if os.path.isdir(name_or_path) or name_or_path in short_names:
+        return
+    # Only a Hub id needs the Hub client (a fraction of a second to import): a folder or short name answers without.
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    short_names = sorted(short_names)
-    if os.path.isdir(name_or_path) or name_or_path in short_names:
-        return
     known = f"; the short names known are {', '.join(short_names)}" if short_names else ""
     try:
         validate_repo_id(name_or_path)
