@@ -100,7 +100,7 @@ class MalmenKeyCovariance(nn.Module):
 
 
 class MalmenBlock(nn.Module):
-    """`x + scale[m] * relu(x A B + b) + shift[m]`: B starts at zero, so a fresh block is the identity."""
+    """`x + scale[m] * max(x A B + b, 0) + shift[m]`: B starts at zero, so a fresh block is the identity."""
 
     def __init__(self, size: int, rank: int, num_layers: int):
         super().__init__()
@@ -112,7 +112,10 @@ class MalmenBlock(nn.Module):
         self.shift = nn.Parameter(torch.empty(num_layers, size))
 
     def forward(self, x: torch.Tensor, layer_index: int) -> torch.Tensor:
-        hidden = torch.relu(x @ self.A @ self.B + self.bias)
+        # clamp(min=0), not relu: the same values, but its gradient at exactly 0 is 1 where relu's is 0. A fresh
+        # block (B = 0, bias = 0) has every pre-activation at exactly 0, so with relu A, B and the bias would never
+        # get a gradient and training could only move `shift` and `lr`. MALMEN's code uses `clamp(0)` too.
+        hidden = (x @ self.A @ self.B + self.bias).clamp(min=0)
         return x + self.scale[layer_index] * hidden + self.shift[layer_index]
 
 

@@ -94,3 +94,19 @@ def test_an_editor_reading_other_positions_is_refused(setup):
     editor = MalmenEditorModel.for_model(model, edit_modules=MODULES, token_positions="target")
     with pytest.raises(ValueError, match="token_positions='subject_last'"):
         distillation_data(editor, model, tokenizer, REQUESTS, deltas)
+
+
+def test_a_fresh_editor_fits_per_fact_changes_through_its_blocks(setup, tmp_path):
+    # Each fact its own change (no shared part): only the blocks can fit it, not the per-layer `shift` or `lr`. A
+    # fresh block (B = 0, bias = 0) sits exactly at its nonlinearity's kink: with relu's zero gradient there, its
+    # weights would never move and the loss would stay where `shift` alone brings it.
+    model, tokenizer, _ = setup
+    deltas = torch.randn(len(REQUESTS), 32, generator=torch.Generator().manual_seed(1))
+    data = distillation_data(new_editor(model), model, tokenizer, REQUESTS, deltas)
+    args = DistillationArguments(str(tmp_path / "run"), max_steps=200, learning_rate=2e-2, batch_size=6,
+                                 checkpoint_every=200, progress=False)  # fmt: skip
+    editor = new_editor(model)
+    distill_editor(editor, data, args)
+    for block in editor.nets["128x32"].blocks:
+        assert block.B.abs().max() > 0 and block.bias.abs().max() > 0
+    assert distillation_loss(editor, data, torch.arange(len(REQUESTS))) < 0.3
