@@ -58,6 +58,10 @@ def test_training_saves_a_loadable_editor_with_its_settings(tmp_path):
     assert set(training_record["last_validation"]) >= {"ES", "GS", "LS"}
     history = json.loads((tmp_path / "training_history.json").read_text())
     assert [record["step"] for record in history] == [1, 2, 3, 4]
+    # the editor kept is the first with the best mean of ES, GS and LS, and the record says which step's it is
+    validations = [record for record in history if "ES" in record]
+    best = max(validations, key=lambda record: (record["ES"] + record["GS"] + record["LS"]) / 3)
+    assert training_record["best_step"] == best["step"]
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000004"]
     # the normalizer learned the statistics of the keys and value gradients
     assert reloaded.nets["128x32"].normalizer.count > 0

@@ -19,7 +19,7 @@ TAGS = ["model-editing", "knowledge-editing", "malmen", "malmen-hf"]
 # The training settings worth a row in the card (the rest, such as output_dir, says nothing about the editor).
 TRAINING_ROWS = (
     "facts_per_step", "batch_size", "meta_lr", "c_loc", "max_grad_norm", "steps", "num_train_facts",
-    "num_processes", "mixed_precision", "seed", "best_score",
+    "num_processes", "mixed_precision", "seed", "best_score", "best_step",
 )  # fmt: skip
 
 

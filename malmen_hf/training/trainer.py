@@ -6,7 +6,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..evaluation.cards import editor_card
 from ..evaluation.metrics import edit_scores
+from ..evaluation.scores import DEFAULT_SCORES
 from ..facts import EditRequest
 from .arguments import MalmenTrainingArguments
 from .checkpoints import checkpoint_folder, complete_checkpoints, load_checkpoint, save_checkpoint
@@ -87,8 +88,10 @@ def train_editor(
             break
     bar.close()
     editor = run.finish()
+    kept = editor.config.training["best_step"]
     run.accelerator.print(
-        f"Saved the editor to {run.output_dir}; last validation: {editor.config.training['last_validation']}"
+        f"Saved the editor{f' of step {kept} (the best validation)' if kept else ''} to {run.output_dir}; "
+        f"last validation: {editor.config.training['last_validation']}"
     )
     run.accelerator.end_training()  # last: it also ends the process group
     return editor
@@ -172,7 +175,7 @@ class _TrainingRun:
             with self.accelerator.autocast():
                 facts = list(self.eval_requests[: self.args.eval_facts])
                 scores = edit_scores(self.editor, self.model, self.tokenizer, facts, self.args.batch_size)
-            score = sum(v for v in scores.values() if not math.isnan(v)) / len(scores)
+            score = _validation_score(scores)
             if score > progress.best_score:
                 progress.best_score = score
                 self.editor.save_pretrained(self.output_dir / "best")
@@ -201,10 +204,13 @@ class _TrainingRun:
             editor.load_state_dict(best.state_dict())
         evaluations = [record for record in progress.history if "ES" in record]
         last = evaluations[-1] if evaluations else None
+        # The editor kept is the first validated one with the best score (a later tie does not replace it).
+        kept = [record["step"] for record in evaluations if _validation_score(record) == progress.best_score]
         editor.config.training = {
             **self.settings,
             "steps": progress.step,
             "best_score": progress.best_score,
+            "best_step": kept[0] if kept else None,
             "last_validation": last,
         }
         editor.save_pretrained(output_dir, is_main_process=self.is_main_process)
@@ -216,6 +222,12 @@ class _TrainingRun:
             card.save(output_dir / "README.md")
         self.accelerator.wait_for_everyone()
         return editor
+
+
+def _validation_score(scores: Mapping[str, float]) -> float:
+    """What the best editor is chosen by: the mean of a validation's ES, GS and LS, leaving out any that is NaN."""
+    values = [scores[name] for name in DEFAULT_SCORES]
+    return sum(value for value in values if not math.isnan(value)) / len(values)
 
 
 def _schedule(num_facts: int, args: MalmenTrainingArguments, world_size: int) -> tuple[int, int]:
