@@ -7,7 +7,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from malmen_hf import MalmenConfig, MalmenEditorModel
-from malmen_hf.evaluation.cards import editor_card
+from malmen_hf.evaluation.cards import card_results, editor_card
 
 RESULTS = [{"n": 1, "ES": 1.0, "GS": 0.5, "LS": 0.875}, {"n": 100, "ES": 0.91, "GS": 0.25, "LS": None}]
 
@@ -35,6 +35,16 @@ def test_editor_card_metadata_and_tables(gpt2, tmp_path):
     assert "| facts_per_step | `32` |" in text and "output_dir" not in text
     assert 'MalmenEditorModel.from_pretrained("org/editor")' in text
     assert "Measured with `make bench`" in text
+
+
+def test_card_results_reads_back_the_rows_of_the_cards_dataset(gpt2, tmp_path):
+    model, _ = gpt2
+    editor = MalmenEditorModel.for_model(model, rank=4)
+    editor_card(editor, RESULTS, dataset="counterfact").save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    rows = [{"n": 1, "ES": 1.0, "GS": 0.5, "LS": 0.875}, {"n": 100, "ES": 0.91, "GS": 0.25}]  # None is no result
+    assert card_results(card) == card_results(card, "counterfact") == rows
+    assert card_results(card, "zsre") == []
 
 
 def test_editor_card_without_results_or_training(gpt2):

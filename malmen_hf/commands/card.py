@@ -10,8 +10,6 @@ from typing import TYPE_CHECKING
 from .common import check_file, editor_folder, status
 
 if TYPE_CHECKING:
-    from huggingface_hub import ModelCard
-
     from ..modeling_malmen import MalmenEditorModel
 
 
@@ -34,7 +32,7 @@ def run(args: argparse.Namespace) -> None:
     merged into the results the card already has: a row per N, the new one replacing an old one of the same N.
     """
     editor_dir = editor_folder(args.editor)
-    rows, command, data_name = _card_results(Path(args.results), args.method) if args.results else ([], None, None)
+    rows, command, data_name = _results_of_file(Path(args.results), args.method) if args.results else ([], None, None)
     from .. import MalmenEditorModel
 
     editor = MalmenEditorModel.from_pretrained(editor_dir)
@@ -65,6 +63,8 @@ def merge_into_card(
     """
     from huggingface_hub import ModelCard
 
+    from ..evaluation.cards import card_results
+
     if card_text is None and output.is_file():
         card_text = output.read_text()
     old = ModelCard(card_text) if card_text else None
@@ -72,7 +72,7 @@ def merge_into_card(
     dataset = dataset or old_dataset or data_name or "unknown"
     if old_dataset is not None and old_dataset != dataset:
         status(f"The card's results on {old_dataset} are replaced by results on {dataset} (a card shows one dataset)")
-    earlier = _results_in_card(old, dataset) if old is not None else []
+    earlier = card_results(old, dataset) if old is not None else []
     new_n = {row["n"] for row in rows}
     merged = sorted([row for row in earlier if row["n"] not in new_n] + list(rows), key=lambda row: row["n"])
     commands = _commands_in_card(card_text) if earlier and len(merged) > len(rows) else []
@@ -98,23 +98,13 @@ def _write_card(
     status(f"Wrote {output}" + (f" with {len(results)} result rows" if results else ""))
 
 
-def _results_in_card(card: "ModelCard", dataset: str) -> list[dict]:
-    """The result rows (one per N) of a card's model-index for `dataset`."""
-    rows: dict[int, dict] = {}
-    for result in card.data.eval_results or []:
-        if result.dataset_name == dataset and (result.dataset_config or "").startswith("N="):
-            n = int(result.dataset_config[2:])
-            rows.setdefault(n, {"n": n})[result.metric_type] = result.metric_value
-    return [rows[n] for n in sorted(rows)]
-
-
 def _commands_in_card(card_text: str | None) -> list[str]:
     """The commands a card says its results were measured with (its "Measured with `...`" line)."""
     line = re.search(r"^Measured with (.*)\.$", card_text or "", re.M)
     return re.findall(r"`([^`]+)`", line.group(1)) if line else []
 
 
-def _card_results(path: Path, method: str) -> tuple[list[dict], str | None, str | None]:
+def _results_of_file(path: Path, method: str) -> tuple[list[dict], str | None, str | None]:
     """Result rows, the command and the data file's name, from `eval --json` output or `benchmarks/quality.py`."""
     try:
         data = json.loads(check_file(path, "results").read_text())

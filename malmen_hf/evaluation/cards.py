@@ -89,6 +89,25 @@ def editor_card(
     )
 
 
+def card_results(card: ModelCard, dataset: str | None = None) -> list[dict[str, Any]]:
+    """
+    The results in an editor's model card (its `model-index`), in the form [`editor_card`] takes them: one row per
+    number of facts edited at once, `{"n": N, "ES": ..., "GS": ..., ...}`, in increasing N.
+
+    Args:
+        card (`huggingface_hub.ModelCard`): The card, e.g. `ModelCard.load(folder / "README.md")`.
+        dataset (`str`, *optional*): The rows measured on this dataset; by default the card's own (the first of its
+            `datasets`), else every row.
+    """
+    dataset = dataset or (card.data.datasets or [None])[0]
+    rows: dict[int, dict[str, Any]] = {}
+    for result in card.data.eval_results or []:
+        if dataset in (None, result.dataset_name) and (result.dataset_config or "").startswith("N="):
+            n = int(result.dataset_config[2:])
+            rows.setdefault(n, {"n": n})[result.metric_type] = result.metric_value
+    return [rows[n] for n in sorted(rows)]
+
+
 def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
