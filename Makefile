@@ -20,8 +20,8 @@ $(BIN)/malmen-hf: pyproject.toml
 install: $(BIN)/malmen-hf
 
 lint: install
-	$(BIN)/ruff check malmen_hf tests benchmarks app.py
-	$(BIN)/ruff format --check malmen_hf tests benchmarks app.py
+	$(BIN)/ruff check malmen_hf tests benchmarks app.py notebooks/execute.py
+	$(BIN)/ruff format --check malmen_hf tests benchmarks app.py notebooks/execute.py
 
 # Chromium for the browser demo's test (tests/test_app.py), from the system's packages when it is missing and apt-get
 # may install it (as root, or with sudo without a password); otherwise that test skips and says why.
