@@ -11,11 +11,12 @@ here runs MEMIT's value optimization.
 - `curve`: how well a student copies the teacher on facts it was not fitted on, against the number of teacher facts:
   the relative squared error of `malmen_hf.training.distillation.distillation_loss` (0: a perfect copy, 1: predicting
   zero) on the first `--held-out` cached facts, for students fitted on the next `--sizes` facts: the best scaled
-  gradient (one distillation step), the hyper-network after `--steps` distillation steps, and a ridge-regression linear
-  map from the unit key and unit value gradient (closed form, each of `--ridge` strengths).
+  gradient (one distillation step), the hyper-network every `--eval-every` of `--steps` distillation steps (on the
+  facts it is fitted on too), and a ridge-regression linear map from the unit key and unit value gradient (closed
+  form, each of `--ridge` strengths).
 
     python benchmarks/distill_probe.py ceiling --n 256
-    python benchmarks/distill_probe.py curve --sizes 112 224 448
+    python benchmarks/distill_probe.py curve --sizes 112 224 448 --steps 2000
 """
 
 import argparse
@@ -68,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--held-out", type=int, default=64, help="curve: the first facts, never fitted on")
     parser.add_argument("--sizes", type=int, nargs="+", default=[112, 224, 448], help="curve: facts fitted on")
     parser.add_argument("--steps", type=int, default=2000, help="curve: distillation steps of the hyper-network")
+    parser.add_argument("--eval-every", type=int, default=100, help="curve: steps between the errors measured")
     parser.add_argument("--ridge", type=float, nargs="+", default=[0.1, 1.0, 10.0, 100.0])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks/results/distill_probe.json")
@@ -155,9 +157,9 @@ def curve(model, tokenizer, facts, deltas, args) -> list[dict]:
         start = time.perf_counter()
         row = {"fitted_facts": size, "held_out_facts": args.held_out}
         row["scaled_gradient"] = held_out_loss(distilled(model, fitted, 1, args), held_out)
-        hypernetwork = distilled(model, fitted, args.steps, args)
-        row["hypernetwork"] = held_out_loss(hypernetwork, held_out)
-        row["hypernetwork_fitted"] = held_out_loss(hypernetwork, subset(fitted, torch.arange(min(size, 256))))
+        row["hypernetwork"] = trajectory(model, fitted, held_out, args)
+        best = min(row["hypernetwork"], key=lambda point: point["held_out"])
+        row["hypernetwork_best"], row["hypernetwork_last"] = best, row["hypernetwork"][-1]
         row["ridge"] = {str(strength): ridge_loss(fitted, held_out, strength) for strength in args.ridge}
         row["seconds"] = round(time.perf_counter() - start, 1)
         print(row, flush=True)
@@ -178,6 +180,19 @@ def distilled(model, data: DistillationData, steps: int, args) -> MalmenEditorMo
     with tempfile.TemporaryDirectory() as folder:
         distill_editor(editor, data, DistillationArguments(folder, max_steps=steps, progress=False))
     return editor
+
+
+def trajectory(model, fitted: DistillationData, held_out: DistillationData, args) -> list[dict]:
+    """The errors of one distillation every `--eval-every` steps (each call resumes the last one's checkpoint)."""
+    editor, points = student(model, args), []
+    some_fitted = subset(fitted, torch.arange(min(fitted.num_facts, 256)))
+    with tempfile.TemporaryDirectory() as folder:
+        for steps in range(args.eval_every, args.steps + 1, args.eval_every):
+            settings = DistillationArguments(folder, max_steps=steps, checkpoint_every=args.eval_every, progress=False)
+            distill_editor(editor, fitted, settings)
+            points.append({"step": steps, "held_out": held_out_loss(editor, held_out),
+                           "fitted": held_out_loss(editor, some_fitted)})  # fmt: skip
+    return points
 
 
 @torch.no_grad()
