@@ -1,5 +1,6 @@
 """The notebooks run end to end (on a tiny model: their parameters cell switches them to the real one)."""
 
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -37,13 +38,15 @@ def _execute(name: str, parameters: str, folder: Path) -> nbformat.NotebookNode:
 def test_notebook_runs_end_to_end(name, tmp_path):
     notebook = _execute(name, TINY_PARAMETERS[name], tmp_path)
     assert "colab.research.google.com" in notebook.cells[0].source  # the "Open in Colab" badge
-    errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output.output_type == "error"]
-    assert not errors
-    text = "".join(output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", []))
+    outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
+    assert not [output for output in outputs if output.output_type == "error"]
+    text = "".join(output.get("text", "") for output in outputs)
     if name != "share_on_hub.ipynb":
         assert "MODEL = 'tiny': a RANDOM 2-layer GPT-2. Every answer and score below is meaningless" in text
     if name == "train_editor.ipynb":
         assert (tmp_path / "editor" / "model.safetensors").is_file()
+        assert "Trained 2 steps; kept the editor of step" in text
+        assert [output for output in outputs if "image/png" in output.get("data", {})]  # the training curves
     if name == "share_on_hub.ipynb":
         assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in (tmp_path / "shared").iterdir()}
 
@@ -55,10 +58,23 @@ def test_share_on_hub_refuses_to_push_a_card_without_results(tmp_path):
 
 
 def test_the_committed_notebooks_show_a_real_run():
-    """Committed with the outputs of a run on SmolLM2-135M (not the tiny model), without errors."""
+    """
+    Committed with the outputs of a run on SmolLM2-135M (not the tiny model), as Jupyter shows them
+    (`notebooks/execute.py`: each progress bar in its last state), with their figures, and without errors, warnings
+    about the environment, or this machine's folders.
+    """
+    folders = [
+        str(folder)
+        for folder in (Path.home(), Path(tempfile.gettempdir()), NOTEBOOKS.parent)
+        if folder.parent != folder
+    ]
     for name in TINY_PARAMETERS:
         notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
         outputs = [output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs]
-        text = "".join(output.get("text", "") + str(output.get("data", "")) for output in outputs)
+        text = "".join(output.get("text", "") + output.get("data", {}).get("text/plain", "") for output in outputs)
         assert outputs and not [output for output in outputs if output.output_type == "error"], name
         assert "RANDOM" not in text and "meaningless" not in text, name
+        assert "Warning" not in text and "\r" not in text, name
+        assert not [folder for folder in folders if folder in text], name
+        figures = [output for output in outputs if "image/png" in output.get("data", {})]
+        assert len(figures) == (0 if name == "share_on_hub.ipynb" else 1), name
