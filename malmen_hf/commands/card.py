@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `malmen-hf card` and its options to the command line's `subparsers`."""
     parser = subparsers.add_parser("card", help="write the model card (README.md) of a saved editor")
     parser.add_argument("--editor", required=True, help="the saved editor folder (or a released editor's name)")
     parser.add_argument("--results", help="JSON from `malmen-hf eval --json` or benchmarks/quality.py")

@@ -12,6 +12,7 @@ from .common import answers_table, check_editor, check_file, check_model, non_ne
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `malmen-hf demo` and its options to the command line's `subparsers`."""
     parser = subparsers.add_parser("demo", help="edit a real model with CounterFact facts, show it, revert it")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="short name, local folder or Hub id")
     parser.add_argument(

@@ -19,6 +19,7 @@ from .common import (
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `malmen-hf edit` and its options to the command line's `subparsers`."""
     parser = subparsers.add_parser("edit", help="edit a model with facts, print the answers before and after, save")
     parser.add_argument("--model", default="smollm2-135m", help="short name, local folder or Hub id")
     parser.add_argument(

@@ -25,6 +25,7 @@ from .common import (
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `malmen-hf eval` and its options to the command line's `subparsers`."""
     parser = subparsers.add_parser(
         "eval", help="score a model on N facts before and after editing them all at once with an editor"
     )

@@ -7,6 +7,7 @@ from .common import editor_folder
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `malmen-hf push` and its options to the command line's `subparsers`."""
     parser = subparsers.add_parser("push", help="upload a saved editor or edit artifact to the Hugging Face Hub")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--editor", help="a saved editor folder (its README.md card goes along, or one is rendered)")

@@ -18,6 +18,7 @@ from .common import (
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Adds `malmen-hf train` and its options to the command line's `subparsers`."""
     parser = subparsers.add_parser("train", help="meta-train an editor for a model on a data file")
     parser.add_argument("--model", required=True, help="short name, local folder or Hub id of the base model")
     parser.add_argument("--data", required=True, help="training facts (JSON or JSONL)")
