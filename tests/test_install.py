@@ -81,6 +81,7 @@ import nbformat, sys
 from nbclient import NotebookClient
 
 notebook = nbformat.read({str(notebook)!r}, as_version=4)
+notebook.cells.append(nbformat.v4.new_code_cell("print('malmen_hf from', malmen_hf.__file__)"))  # which one ran
 NotebookClient(notebook, timeout=1200, kernel_name="python3", resources={{"metadata": {{"path": "."}}}}).execute()
 nbformat.write(notebook, "executed.ipynb")
 """
@@ -90,8 +91,9 @@ nbformat.write(notebook, "executed.ipynb")
     outputs = [output for cell in executed.cells for output in cell.get("outputs", [])]
     assert not [output for output in outputs if output.output_type == "error"]
     text = "".join(output.get("text", "") for output in outputs)
-    assert f"from {venv}" in text and "editor: malmen-smollm2-135m-counterfact for smollm2-135m" in text
+    assert f"malmen_hf from {venv}" in text and "editor: malmen-smollm2-135m-counterfact for smollm2-135m" in text
     assert "Reverted: the weights are back, bit for bit." in text
+    assert [output for output in outputs if "image/png" in output.get("data", {})]  # the card shipped in the wheel
 
 
 def _run(*command, **kwargs) -> str:
