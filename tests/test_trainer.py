@@ -111,6 +111,20 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monke
         assert torch.equal(resumed[name], uninterrupted[name]), name
 
 
+def test_a_resumed_run_trains_with_the_learning_rate_given_now(tmp_path, monkeypatch):
+    run(tmp_path, max_steps=2)
+    learning_rates = []
+    real_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        learning_rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    run(tmp_path, max_steps=4, meta_lr=3e-4, resume_from_checkpoint=True)
+    assert learning_rates == [3e-4, 3e-4]  # not the checkpoint's 1e-3
+
+
 class PlantedCode:
     """Unpickling this runs code: it creates the file `marker`."""
 

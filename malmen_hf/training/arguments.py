@@ -32,7 +32,8 @@ class MalmenTrainingArguments:
         checkpoint_every (`int`, defaults to 50): Save a resumable checkpoint every this many steps.
         checkpoints_to_keep (`int`, defaults to 2): The older checkpoints are deleted.
         resume_from_checkpoint (`str` or `bool`, *optional*): A checkpoint folder, or `True` for the latest one in
-            `output_dir/checkpoints`.
+            `output_dir/checkpoints`. The editor, Adam's moments, the step and the random generators are restored;
+            these arguments (`meta_lr`, `c_loc`, ...) apply from there on.
         mixed_precision (`str`, defaults to `"no"`): `"no"` or `"bf16"` (autocast of the base model's passes).
         log_with (`str`, *optional*, defaults to `"auto"`): An accelerate tracker (`"tensorboard"`, `"wandb"`,
             `"all"`, ...); `"auto"` logs to TensorBoard (in `output_dir/logs`) when it is installed; `None` logs

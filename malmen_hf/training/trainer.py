@@ -132,6 +132,9 @@ class _TrainingRun:
         if args.resume_from_checkpoint:
             folder = _checkpoint_to_resume(self.output_dir, args.resume_from_checkpoint)
             self.progress.load_state_dict(load_checkpoint(folder, editor, self.optimizer))
+            # The restored Adam state carries the old run's learning rate; a resumed run trains with the one given now.
+            for group in self.optimizer.param_groups:
+                group["lr"] = args.meta_lr
         if editor.config.covariance_weight > 0 and any(cov.count == 0 for cov in editor.key_covariances):
             # Every process reads the same texts, so all fit the same covariance.
             fit_key_covariance(editor, model, covariance_texts(train_requests), tokenizer, batch_size=args.batch_size)
