@@ -644,7 +644,11 @@ def apply_memit(
     num_tokens = sum(len(example.labels) - example.labels.count(IGNORE_INDEX) for example in tokenize_examples(
         tokenizer, [r.prompt for r in requests], [r.target for r in requests], "causal"
     ))  # fmt: skip
-    after = {name: history[name].to(gram) + gram if name in history else gram for name, gram in grams.items()}
+    # Only the layers' K^T K grow: whatever else the history holds (an editor's normalizer statistics) carries on.
+    after = {
+        **history,
+        **{name: history[name].to(gram) + gram if name in history else gram for name, gram in grams.items()},
+    }
     return apply_shifts(
         model, modules, shifts, facts=requests, num_tokens=num_tokens, timings=timings,
         aggregation="memit" if null_space_fraction is None else "alphaedit",

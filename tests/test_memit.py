@@ -299,3 +299,22 @@ def test_alphaedit_rounds_match_alphaedits_code_and_keep_the_history(setup):
         handle.revert()
     assert_bit_identical(model, before)
     assert edit_history(model) == {}
+
+
+def test_a_memit_round_keeps_the_normalizer_statistics_of_earlier_rounds(setup):
+    model, tokenizer, _ = setup
+    model = copy.deepcopy(model)
+    malmen = MalmenEditorModel.for_model(model, edit_modules=MODULES, lifelong_normalization=True, history_weight=1.0)
+    malmen.apply_edits(model, REQUESTS[:2], tokenizer=tokenizer)
+    before = edit_history(model)
+    statistics = [name for name in before if name not in MODULES]
+    editor = MalmenEditorModel.for_model(model, edit_modules=MODULES, history_weight=1.0)
+    settings = MemitSettings(num_steps=2)
+    handle = apply_memit(
+        editor, model, REQUESTS[2:], tokenizer=tokenizer, settings=settings, context_templates=TEMPLATES
+    )
+    after = edit_history(model)
+    assert statistics and all(torch.equal(after[name], before[name]) for name in statistics)
+    assert all(not torch.equal(after[name], before[name]) for name in MODULES)  # this round's keys are added
+    handle.revert()
+    assert all(edit_history(model)[name] is before[name] for name in before)
