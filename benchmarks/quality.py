@@ -23,7 +23,7 @@ dataset answer.
 
 Run from the repository root, on an otherwise idle machine (see `edit_speed.py` on threads):
 
-    python benchmarks/quality.py --malmen-editor model_cards/malmen-smollm2-135m-counterfact \\
+    python benchmarks/quality.py --malmen-editor editors/malmen-smollm2-135m-counterfact \\
         --mend-editor runs/mend --tune
     python benchmarks/quality.py --n 1 10 100 --methods training_free no_edit --tune
 
