@@ -69,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--distill-steps", type=int, default=2000, help="regression steps on the teacher's values")
     parser.add_argument("--distill-lr", type=float, default=1e-3)
     parser.add_argument("--skip-training", action="store_true", help="only score the run's saved editor")
+    parser.add_argument(
+        "--lr-scale", type=float, default=1.0,
+        help="multiply each layer's learned lr before scoring (row NAME-lrSCALE): does the step carry to larger N?",
+    )  # fmt: skip
     parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "runs/sweep")
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "benchmarks/results/sweep.json")
     return parser.parse_args(argv)
@@ -161,8 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         editor, seconds = train(model, tokenizer, train_facts, validation, args)
     editor.eval()
+    if args.lr_scale != 1.0:
+        with torch.no_grad():
+            for net in editor.nets.values():
+                net.lr.mul_(args.lr_scale)
     row = {
-        "name": args.name,
+        "name": args.name if args.lr_scale == 1.0 else f"{args.name}-lr{args.lr_scale:g}",
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "steps": editor.config.training["steps"] if editor.config.training else None,
         "train_seconds_this_run": round(seconds, 1),
