@@ -14,6 +14,7 @@ prompts (the n-gram entropy MEMIT and AlphaEdit report) and the perplexity of he
 - `memit`: MEMIT round after round (`apply_memit`, values cached in `--memit-cache`);
 - `alphaedit`: MEMIT's values with AlphaEdit's null-space projection and the history of earlier rounds.
 
+JSON at `--output`, the scores against the edits made in a PNG beside it.
 Resumable: each round's edits are saved under `--runs-dir` (with the edit history), and a rerun loads the rounds done
 and goes on; rows already in `--output` are kept.
 
@@ -225,7 +226,32 @@ def main(argv: list[str] | None = None) -> list[dict]:
     columns = [("method", "method", "{}"), ("round", "round", "{}"), ("edited", "edited", "{}")]
     columns += [(name, name, "{:.3f}") for name in (*SCORES, "first_ES", "first_LS")] + [("s", "round_s", "{:.1f}")]
     print(markdown_table([row for row in rows if "round" in row], columns))
+    plot(rows, args.output.with_suffix(".png"))
     return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """ES, GS and LS over the facts edited so far, and the first round's ES, against the edits made, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [row for row in rows if "round" in row]
+    panels = [("ES", "ES, all facts so far"), ("GS", "GS, all facts so far"), ("LS", "LS, all facts so far"),
+              ("first_ES", "ES of the first round's facts")]  # fmt: skip
+    figure, axes = plt.subplots(1, len(panels), figsize=(16, 4), sharex=True)
+    for axis, (name, title) in zip(axes, panels, strict=True):
+        for method in dict.fromkeys(row["method"] for row in rounds):
+            points = sorted((row["edited"], row[name]) for row in rounds if row["method"] == method)
+            axis.plot(*zip(*points, strict=True), marker="o", label=method)
+        axis.set(title=title, xlabel="facts edited so far", ylim=(-0.02, 1.02))
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle("Rounds of CounterFact edits on SmolLM2-135M (edit.json)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    print(f"Wrote {path}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ def test_rounds_are_scored_and_a_rerun_resumes_from_the_saved_rounds(tmp_path):
     finals = [row for row in rows if "fluency" in row]
     assert [row["method"] for row in finals] == ["unedited", "malmen_history"]
     assert json.loads((tmp_path / "lifelong.json").read_text())["rows"] == rows
+    assert (tmp_path / "lifelong.png").stat().st_size > 0  # the scores against the edits made
 
 
 def test_ultraedit_and_lifelong_normalization_resume_with_their_statistics(tmp_path):
